@@ -1,0 +1,71 @@
+# distill - one GNU Makefile.
+#   make            build build/distill and build/libkd.a
+#   make test       build and run the test suite (what CI runs)
+#   make bench      build and run the benchmarks (PyTorch side when installed)
+#   SANITIZE=1      build with -fsanitize=address,undefined (separate build dir)
+#   DEBUG=1         -O0
+#   OMP=0           no OpenMP
+CC      ?= cc
+BLASDIR ?= $(firstword $(wildcard /usr/lib/x86_64-linux-gnu/openblas-openmp /usr/lib/aarch64-linux-gnu/openblas-openmp))
+OPT     := -O2
+ifeq ($(DEBUG),1)
+OPT     := -O0
+endif
+CFLAGS  ?= $(OPT) -g
+CFLAGS  += -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -Iinclude -Isrc -MMD -MP
+LDLIBS  := -lcjson -linih -lz -lm
+ifneq ($(BLASDIR),)
+LDLIBS  := -L$(BLASDIR) -Wl,-rpath,$(BLASDIR) -lopenblas $(LDLIBS)
+else
+LDLIBS  := -lopenblas $(LDLIBS)
+endif
+ifneq ($(OMP),0)
+CFLAGS  += -fopenmp
+LDFLAGS += -fopenmp
+endif
+BUILD   := build
+ifeq ($(SANITIZE),1)
+CFLAGS  += -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
+LDFLAGS += -fsanitize=address,undefined
+BUILD   := build-san
+endif
+
+LIB_SRC  := $(sort $(wildcard src/core/*.c src/ops/*.c src/nn/*.c src/optim/*.c src/data/*.c src/io/*.c src/train/*.c))
+CLI_SRC  := $(sort $(wildcard src/cli/*.c))
+TEST_SRC := $(sort $(wildcard tests/*.c))
+BENCH_SRC:= $(sort $(wildcard bench/*.c))
+LIB_OBJ  := $(LIB_SRC:%.c=$(BUILD)/%.o)
+CLI_OBJ  := $(CLI_SRC:%.c=$(BUILD)/%.o)
+TEST_OBJ := $(TEST_SRC:%.c=$(BUILD)/%.o)
+
+all: $(BUILD)/distill
+
+$(BUILD)/%.o: %.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -c $< -o $@
+
+$(BUILD)/libkd.a: $(LIB_OBJ)
+	rm -f $@ && ar rcs $@ $^
+
+$(BUILD)/distill: $(CLI_OBJ) $(BUILD)/libkd.a
+	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS)
+
+$(BUILD)/test_all: $(TEST_OBJ) $(BUILD)/libkd.a
+	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS)
+
+# OMP_WAIT_POLICY=passive: threads sleep between parallel regions, so the two
+# cores are not burnt spinning while a single-threaded part runs.
+test: $(BUILD)/test_all $(BUILD)/distill
+	OMP_WAIT_POLICY=passive KD_DISTILL=$(BUILD)/distill $(BUILD)/test_all
+
+$(BUILD)/bench_engine: $(BUILD)/bench/bench_engine.o $(BUILD)/libkd.a
+	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS)
+
+bench: $(BUILD)/bench_engine $(BUILD)/distill
+	bash bench/run.sh $(BUILD)
+
+clean:
+	rm -rf build build-san
+
+.PHONY: all test bench clean
+-include $(LIB_OBJ:.o=.d) $(CLI_OBJ:.o=.d) $(TEST_OBJ:.o=.d)

@@ -1,0 +1,269 @@
+/* kd.h - the public API of distill, a knowledge-distillation toolkit in C11.
+ *
+ * Overview
+ *   A model is a static computation graph of coarse ops (linear, conv2d,
+ *   batch norm, cross-entropy, ...). You add nodes with the builder functions
+ *   below, compile the graph once for a maximum batch size, then run
+ *   forward/backward as many times as you like: the training step allocates
+ *   nothing.
+ *
+ *     kd_graph *g = kd_graph_new();
+ *     int xs[2] = {128, 784};
+ *     kd_node *x = kd_input(g, "x", 2, xs);
+ *     kd_node *y = kd_input(g, "y", 1, xs);           // labels as floats
+ *     kd_node *h = kd_relu(g, kd_dense(g, "fc1", x, 128));
+ *     kd_node *logits = kd_dense(g, "fc2", h, 10);
+ *     kd_node *loss = kd_cross_entropy(g, logits, y, 0.0f);
+ *     kd_graph_compile(g, 128, seed);                  // plan memory, init params
+ *     ... fill x->val.data, y->val.data ...
+ *     kd_graph_forward(g, 1);                          // 1 = training mode
+ *     kd_graph_backward(g, loss);                      // grads of all params
+ *     kd_graph_free(g);
+ *
+ * Errors come in two tiers: KD_ASSERT for bugs (prints file:line, aborts),
+ * and kd_status return codes for anything a user can cause; the message is
+ * read with kd_error_message().
+ */
+#ifndef KD_H
+#define KD_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define KD_VERSION "0.1.0"
+
+/* ---------------------------------------------------------------- errors */
+
+typedef enum kd_status {
+    KD_OK = 0,
+    KD_EIO,      /* a file could not be opened, read or written */
+    KD_EFORMAT,  /* a file's content is malformed */
+    KD_ECONFIG,  /* a config key or value is wrong */
+    KD_ESHAPE,   /* tensor shapes do not fit together */
+    KD_ENUMERIC, /* a NaN or Inf appeared */
+    KD_EUSAGE,   /* bad command-line usage */
+} kd_status;
+
+/* Records a message (printf-style) and returns st. The message is kept in a
+ * thread-local buffer until the next call. */
+kd_status kd_errorf(kd_status st, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* Prefixes the current message with more context, e.g. the file name. */
+kd_status kd_error_prefix(kd_status st, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+const char *kd_error_message(void);
+
+void kd_panic(const char *file, int line, const char *fmt, ...) __attribute__((noreturn, format(printf, 3, 4)));
+#define KD_ASSERT(cond, ...)                                                        \
+    do {                                                                            \
+        if (!(cond)) kd_panic(__FILE__, __LINE__, "assertion '" #cond "': " __VA_ARGS__); \
+    } while (0)
+
+/* Allocation that aborts with a message on failure. */
+void *kd_malloc(size_t n);
+void *kd_calloc(size_t n, size_t size);
+void *kd_realloc(void *p, size_t n);
+char *kd_strdup(const char *s);
+
+/* ---------------------------------------------------------------- rng */
+
+/* A small counter-free generator (xoshiro128+-like quality is not needed;
+ * we use splitmix64 to seed and xorshift64* to draw). Same seed, same stream. */
+typedef struct kd_rng {
+    uint64_t s;
+} kd_rng;
+void kd_rng_seed(kd_rng *r, uint64_t seed);
+uint64_t kd_rng_u64(kd_rng *r);
+float kd_rng_uniform(kd_rng *r);          /* [0, 1) */
+float kd_rng_normal(kd_rng *r);           /* N(0, 1) */
+uint32_t kd_rng_below(kd_rng *r, uint32_t n); /* [0, n) */
+uint64_t kd_hash64(uint64_t x);            /* splitmix64 finaliser, for derived seeds */
+
+/* ---------------------------------------------------------------- tensor */
+
+#define KD_MAX_DIM 4
+
+/* A contiguous row-major float32 array (NCHW for images). Reshape is free. */
+typedef struct kd_tensor {
+    int ndim;
+    int shape[KD_MAX_DIM];
+    float *data;
+} kd_tensor;
+
+int64_t kd_shape_numel(int ndim, const int *shape);
+static inline int64_t kd_numel(const kd_tensor *t) { return kd_shape_numel(t->ndim, t->shape); }
+/* Writes "(2, 3, 4)" into buf. */
+const char *kd_shape_str(int ndim, const int *shape, char *buf, size_t n);
+
+/* ---------------------------------------------------------------- graph */
+
+typedef struct kd_graph kd_graph;
+typedef struct kd_node kd_node;
+
+enum {
+    KD_F_PARAM = 1 << 0,     /* trainable leaf: value and gradient in the flat parameter arrays */
+    KD_F_BUFFER = 1 << 1,    /* non-trainable state saved in checkpoints (BN running stats) */
+    KD_F_INPUT = 1 << 2,     /* leaf filled by the caller each step; first dim is the batch */
+    KD_F_NEED_GRAD = 1 << 3, /* set by compile: some parameter's gradient flows through here */
+    KD_F_FROZEN = 1 << 4,    /* eval-mode behaviour always (a teacher), no gradients */
+    KD_F_I64 = 1 << 5,       /* buffer stored as int64 in checkpoints (num_batches_tracked) */
+    KD_F_KEEP = 1 << 6,      /* value must survive the whole step (read by the caller) */
+};
+
+typedef enum kd_init {
+    KD_INIT_ZERO,
+    KD_INIT_ONE,
+    KD_INIT_UNIFORM_FANIN, /* U(-1/sqrt(fan_in), 1/sqrt(fan_in)), PyTorch's Linear/Conv default */
+    KD_INIT_NORMAL,        /* N(0, scale^2) */
+} kd_init;
+
+#define KD_MAX_IN 6
+
+/* A node of the graph. Ops read and write these fields; everyone else
+ * should treat them as read-only (except the values of input nodes). */
+struct kd_node {
+    int op;  /* index into the op table */
+    int id;  /* position in the topological order */
+    int n_in;
+    kd_node *in[KD_MAX_IN];
+    kd_tensor val;  /* value; shape re-inferred when the batch changes */
+    kd_tensor grad; /* gradient of the loss; data NULL when not needed */
+    int flags;
+    int ip[8];   /* integer op arguments */
+    float fp[8]; /* float op arguments */
+    void *ws;    /* op-owned workspace, sized at compile for the max batch */
+    size_t ws_bytes;
+    kd_init init;
+    float init_scale;
+    int fan_in;
+    int n_consumers;
+    int batch_dim; /* 1 when the first dim follows the batch size */
+    char name[96];
+};
+
+kd_graph *kd_graph_new(void);
+void kd_graph_free(kd_graph *g);
+
+/* Leaves. shape[0] of an input is the maximum batch size. */
+kd_node *kd_input(kd_graph *g, const char *name, int ndim, const int *shape);
+kd_node *kd_param(kd_graph *g, const char *name, int ndim, const int *shape, kd_init init, int fan_in);
+kd_node *kd_buffer(kd_graph *g, const char *name, int ndim, const int *shape, float fill);
+
+/* Ops. Builders assert on bugs; shape mismatches a user can cause are
+ * reported by kd_graph_compile with the node names. */
+kd_node *kd_matmul(kd_graph *g, kd_node *x, kd_node *w, kd_node *b); /* x (B,IN) w (OUT,IN) b (OUT) or NULL -> (B,OUT) */
+kd_node *kd_conv2d(kd_graph *g, kd_node *x, kd_node *w, kd_node *b, int stride, int pad); /* x (B,C,H,W) w (OC,C,KH,KW) */
+kd_node *kd_maxpool2d(kd_graph *g, kd_node *x, int k, int stride);
+kd_node *kd_avgpool2d(kd_graph *g, kd_node *x, int k, int stride);
+kd_node *kd_global_avgpool(kd_graph *g, kd_node *x); /* (B,C,H,W) -> (B,C) */
+kd_node *kd_batchnorm(kd_graph *g, kd_node *x, kd_node *gamma, kd_node *beta, kd_node *rmean, kd_node *rvar,
+                      kd_node *nbt, float momentum, float eps); /* x (B,C) or (B,C,H,W) */
+kd_node *kd_relu(kd_graph *g, kd_node *x);
+kd_node *kd_gelu(kd_graph *g, kd_node *x); /* exact erf form, as torch.nn.GELU() */
+kd_node *kd_dropout(kd_graph *g, kd_node *x, float p);
+kd_node *kd_add(kd_graph *g, kd_node *a, kd_node *b); /* same shapes */
+kd_node *kd_concat(kd_graph *g, kd_node *a, kd_node *b); /* along dim 1 */
+kd_node *kd_reshape(kd_graph *g, kd_node *x, int ndim, const int *shape); /* shape[0] ignored: batch kept */
+kd_node *kd_flatten(kd_graph *g, kd_node *x);                              /* (B, ...) -> (B, rest) */
+kd_node *kd_softmax(kd_graph *g, kd_node *x);                              /* over the last dim */
+kd_node *kd_log_softmax(kd_graph *g, kd_node *x);
+/* Mean over the batch of the cross-entropy of logits (B,K) with integer labels
+ * stored as floats (B); label smoothing as in torch.nn.CrossEntropyLoss. */
+kd_node *kd_cross_entropy(kd_graph *g, kd_node *logits, kd_node *labels, float smoothing);
+kd_node *kd_mean(kd_graph *g, kd_node *x); /* mean of all elements -> scalar (1) */
+kd_node *kd_sum(kd_graph *g, kd_node *x);  /* sum of all elements -> scalar (1) */
+kd_node *kd_scale(kd_graph *g, kd_node *x, float s); /* s * x */
+
+/* Composite builders: parameters named "<prefix>.weight", "<prefix>.bias", ... */
+kd_node *kd_dense(kd_graph *g, const char *prefix, kd_node *x, int out);
+kd_node *kd_conv(kd_graph *g, const char *prefix, kd_node *x, int out, int k, int stride, int pad, int bias);
+kd_node *kd_bn(kd_graph *g, const char *prefix, kd_node *x);
+
+/* Gives a node a name by which losses and callers find it ("logits", "block2"). */
+void kd_node_set_name(kd_node *n, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* Marks every node added from now on as frozen (teacher) or not. */
+void kd_graph_set_frozen(kd_graph *g, int frozen);
+
+/* Orders nothing (builders append in topological order), decides which nodes
+ * need gradients, infers shapes, plans and allocates all memory for batches up
+ * to max_batch, and initialises parameters from seed. */
+kd_status kd_graph_compile(kd_graph *g, int max_batch, uint64_t seed);
+/* Re-infers shapes for a batch of B <= max_batch rows. */
+void kd_graph_set_batch(kd_graph *g, int B);
+int kd_graph_batch(const kd_graph *g);
+void kd_graph_set_threads(kd_graph *g, int n);
+/* Runs all nodes (training: batch statistics for BN, dropout on). */
+void kd_graph_forward(kd_graph *g, int training);
+/* Forward only up to and including node `upto` (NULL: all). */
+void kd_graph_forward_to(kd_graph *g, int training, kd_node *upto);
+/* Zeroes all gradients, seeds d(loss)=1 and sweeps backward. */
+void kd_graph_backward(kd_graph *g, kd_node *loss);
+void kd_graph_set_step(kd_graph *g, uint64_t step); /* feeds dropout's RNG */
+
+kd_node *kd_graph_find(const kd_graph *g, const char *name);
+int kd_graph_n_nodes(const kd_graph *g);
+kd_node *kd_graph_node(const kd_graph *g, int i);
+/* Flat parameter storage: value, gradient, and count, valid after compile. */
+float *kd_graph_param_data(kd_graph *g);
+float *kd_graph_param_grad(kd_graph *g);
+size_t kd_graph_param_count(const kd_graph *g);
+/* Parameters and buffers in creation order (checkpoint order). */
+int kd_graph_n_state(const kd_graph *g);
+kd_node *kd_graph_state(const kd_graph *g, int i);
+/* Bytes of planned activation/gradient memory (for reports). */
+size_t kd_graph_arena_bytes(const kd_graph *g);
+
+/* ---------------------------------------------------------------- op table */
+
+typedef struct kd_ctx {
+    int training;
+    int threads;
+    uint64_t seed;
+    uint64_t step;
+} kd_ctx;
+
+typedef struct kd_op_def {
+    const char *name;
+    kd_status (*infer)(kd_node *n);                     /* set n->val.ndim/shape from inputs */
+    size_t (*workspace)(const kd_node *n, int threads); /* bytes of workspace at current (max) shapes */
+    void (*forward)(kd_node *n, const kd_ctx *ctx);
+    void (*backward)(kd_node *n, const kd_ctx *ctx); /* accumulate (+=) into inputs' grads */
+    int inplace_ok; /* reserved */
+} kd_op_def;
+
+enum {
+    KD_OP_LEAF,
+    KD_OP_MATMUL,
+    KD_OP_CONV2D,
+    KD_OP_MAXPOOL,
+    KD_OP_AVGPOOL,
+    KD_OP_GAP,
+    KD_OP_BATCHNORM,
+    KD_OP_RELU,
+    KD_OP_GELU,
+    KD_OP_DROPOUT,
+    KD_OP_ADD,
+    KD_OP_CONCAT,
+    KD_OP_RESHAPE,
+    KD_OP_SOFTMAX,
+    KD_OP_LOG_SOFTMAX,
+    KD_OP_CROSS_ENTROPY,
+    KD_OP_MEAN,
+    KD_OP_SUM,
+    KD_OP_SCALE,
+    KD_OP_COUNT
+};
+
+extern const kd_op_def *const kd_ops[KD_OP_COUNT];
+kd_node *kd_graph_add_op(kd_graph *g, int op, int n_in, kd_node **in);
+/* As kd_graph_add_op, with the op's integer/float arguments (8 each, or
+ * NULL) set before its shape is inferred. */
+kd_node *kd_graph_add_op_ex(kd_graph *g, int op, int n_in, kd_node **in, const int *ip, const float *fp);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,81 @@
+/* kd_train.h - checkpoints of a model, the classifier trainer, evaluation,
+ * metrics and progress output. */
+#ifndef KD_TRAIN_H
+#define KD_TRAIN_H
+#include "kd.h"
+#include "kd_data.h"
+#include "kd_nn.h"
+#include "kd_optim.h"
+
+/* Saves every parameter and buffer of model m (names without the model's
+ * prefix) plus metadata: model spec, classes, input geometry, normalisation.
+ * Atomic. */
+kd_status kd_checkpoint_save(const kd_graph *g, const kd_model *m, const kd_dataset *ds, const char *path);
+/* Loads into model m; every tensor must be present with the model's exact
+ * shape, and no unknown tensor may be present. Errors name path and tensor. */
+kd_status kd_checkpoint_load(kd_graph *g, const kd_model *m, const char *path);
+/* Reads the metadata a checkpoint needs to rebuild its model. */
+typedef struct kd_checkpoint_info {
+    char model[256];
+    int classes, c, h, w;
+    float mean, std;
+} kd_checkpoint_info;
+kd_status kd_checkpoint_info_read(const char *path, kd_checkpoint_info *info);
+
+typedef struct kd_log {
+    FILE *metrics; /* metrics.jsonl or NULL */
+    int quiet;
+    int tty; /* progress line on stderr */
+} kd_log;
+
+typedef struct kd_eval_result {
+    double acc, loss;
+    int n;
+} kd_eval_result;
+
+/* A classifier in its own compiled graph: x (B,C,H,W), labels y (B), the
+ * model and its cross-entropy loss. */
+typedef struct kd_classifier {
+    kd_graph *g;
+    kd_node *x, *y, *loss;
+    kd_model m;
+} kd_classifier;
+
+kd_status kd_classifier_new(kd_classifier *c, const char *spec, const char *prefix, const kd_dataset *ds,
+                            int max_batch, float smoothing, uint64_t seed);
+void kd_classifier_free(kd_classifier *c);
+
+/* Accuracy and mean cross-entropy on ds in eval mode. */
+kd_eval_result kd_evaluate(kd_classifier *c, const kd_dataset *ds, int batch);
+
+typedef struct kd_train_opts {
+    int epochs, batch;
+    uint64_t seed;
+    int crop, flip;
+    int log_every;
+    kd_optim_cfg opt;
+    float warmup_epochs;
+    const char *role; /* "teacher", "baseline", ... in metrics */
+} kd_train_opts;
+
+typedef struct kd_train_result {
+    double train_seconds;
+    double final_loss;
+    kd_eval_result test;
+    double samples_per_s;
+} kd_train_result;
+
+/* Trains with plain cross-entropy, evaluating on `test` after each epoch.
+ * A non-finite loss stops training with KD_ENUMERIC naming the step and the
+ * first node that went non-finite. */
+kd_status kd_train_classifier(kd_classifier *c, const kd_dataset *train, const kd_dataset *test,
+                              const kd_train_opts *o, kd_log *log, kd_train_result *res);
+
+/* Name of the first node (in topological order) holding a NaN/Inf, or NULL. */
+const char *kd_graph_first_nonfinite(const kd_graph *g, int upto);
+
+double kd_now(void); /* monotonic seconds */
+void kd_progress(kd_log *log, const char *role, int epoch, int epochs, int step, int steps, double loss,
+                 double samples_per_s, double eta_s);
+
+#endif

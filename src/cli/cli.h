@@ -1,0 +1,37 @@
+/* cli.h - the command-line front end: one option table per command
+ * generates both the parser and the usage text. */
+#ifndef KD_CLI_H
+#define KD_CLI_H
+#include "kd.h"
+
+typedef struct cli_opt {
+    const char *name; /* "--threads" */
+    const char *arg;  /* "N", or NULL for a flag */
+    const char *help;
+    const char *value; /* filled by the parser (flags: "1") */
+} cli_opt;
+
+typedef struct cli_cmd {
+    const char *name;
+    const char *synopsis;
+    const char *about;
+    const char *examples;
+    cli_opt *opts;
+    int n_opts;
+} cli_cmd;
+
+/* Parses argv (after the command name). Positionals go to pos (up to
+ * max_pos); arguments of the form --a.b=c go to extra when extra is non-NULL.
+ * Returns KD_EUSAGE with a message on bad usage; *help set for --help. */
+kd_status cli_parse(cli_cmd *cmd, int argc, char **argv, const char **pos, int max_pos, int *n_pos,
+                    const char **extra, int max_extra, int *n_extra, int *help);
+void cli_usage(const cli_cmd *cmd, FILE *f);
+const char *cli_get(const cli_cmd *cmd, const char *name);
+/* Applies --threads to OpenMP and OpenBLAS; returns the count in use. */
+int cli_set_threads(int n);
+kd_status cli_parse_int(const char *opt, const char *s, int lo, int hi, int *out);
+
+int cmd_run(int argc, char **argv);
+int cmd_eval(int argc, char **argv);
+
+#endif

@@ -1,0 +1,36 @@
+/* main.c - `distill COMMAND ...`: dispatch, --help, --version. */
+#include <string.h>
+
+#include "cli/cli.h"
+
+static void usage(FILE *f) {
+    fprintf(f,
+            "distill %s - knowledge distillation in C\n\n"
+            "usage: distill COMMAND [options]\n\n"
+            "commands:\n"
+            "  run CONFIG [--section.key=value ...]   train as a config says (teacher, students)\n"
+            "  eval CHECKPOINT --data SPEC             accuracy of a checkpoint on a dataset\n\n"
+            "Every command takes --help. distill --version prints the version.\n",
+            KD_VERSION);
+}
+
+int main(int argc, char **argv) {
+    if (argc < 2) {
+        usage(stderr);
+        return 2;
+    }
+    const char *c = argv[1];
+    if (strcmp(c, "--help") == 0 || strcmp(c, "-h") == 0 || strcmp(c, "help") == 0) {
+        usage(stdout);
+        return 0;
+    }
+    if (strcmp(c, "--version") == 0) {
+        printf("distill %s\n", KD_VERSION);
+        return 0;
+    }
+    if (strcmp(c, "run") == 0) return cmd_run(argc - 2, argv + 2);
+    if (strcmp(c, "eval") == 0) return cmd_eval(argc - 2, argv + 2);
+    fprintf(stderr, "distill: unknown command '%s'\n\n", c);
+    usage(stderr);
+    return 2;
+}

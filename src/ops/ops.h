@@ -1,0 +1,28 @@
+/* ops.h - internal: the op definitions and the plain kernels behind them.
+ * Kernels follow llm.c's convention: outputs first, then inputs, then
+ * sizes, with a shape comment on every pointer. The naive reference kernels
+ * stay beside the fast ones; tests compare them on odd shapes. */
+#ifndef KD_OPS_H
+#define KD_OPS_H
+#include "kd.h"
+
+extern const kd_op_def kd_op_matmul, kd_op_conv2d, kd_op_maxpool, kd_op_avgpool, kd_op_gap, kd_op_batchnorm,
+    kd_op_relu, kd_op_gelu, kd_op_dropout, kd_op_add, kd_op_concat, kd_op_reshape, kd_op_softmax,
+    kd_op_log_softmax, kd_op_cross_entropy, kd_op_mean, kd_op_sum, kd_op_scale;
+
+/* shape error naming the node and its inputs */
+kd_status kd_op_shape_error(const kd_node *n, const char *what);
+
+/* conv2d kernels. out (B,OC,OH,OW), inp (B,C,H,W), w (OC,C,KH,KW), bias (OC) or NULL */
+void kd_conv2d_forward_naive(float *out, const float *inp, const float *w, const float *bias, int B, int C, int H,
+                             int W, int OC, int KH, int KW, int stride, int pad);
+/* col (C*KH*KW, OH*OW) from one image inp (C,H,W) */
+void kd_im2col(float *col, const float *inp, int C, int H, int W, int KH, int KW, int stride, int pad, int OH,
+               int OW);
+/* inp (C,H,W) += col2im(col) */
+void kd_col2im(float *inp, const float *col, int C, int H, int W, int KH, int KW, int stride, int pad, int OH,
+               int OW);
+
+static inline int kd_conv_out(int in, int k, int stride, int pad) { return (in + 2 * pad - k) / stride + 1; }
+
+#endif

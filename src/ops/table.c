@@ -1,0 +1,29 @@
+/* table.c - the op table: one designated-initialiser entry per op, so names
+ * and ids cannot drift apart. Each op family defines its kd_op_def in its
+ * own file. */
+#include "kd.h"
+#include "ops/ops.h"
+
+static const kd_op_def leaf = {.name = "leaf"};
+
+const kd_op_def *const kd_ops[KD_OP_COUNT] = {
+    [KD_OP_LEAF] = &leaf,
+    [KD_OP_MATMUL] = &kd_op_matmul,
+    [KD_OP_CONV2D] = &kd_op_conv2d,
+    [KD_OP_MAXPOOL] = &kd_op_maxpool,
+    [KD_OP_AVGPOOL] = &kd_op_avgpool,
+    [KD_OP_GAP] = &kd_op_gap,
+    [KD_OP_BATCHNORM] = &kd_op_batchnorm,
+    [KD_OP_RELU] = &kd_op_relu,
+    [KD_OP_GELU] = &kd_op_gelu,
+    [KD_OP_DROPOUT] = &kd_op_dropout,
+    [KD_OP_ADD] = &kd_op_add,
+    [KD_OP_CONCAT] = &kd_op_concat,
+    [KD_OP_RESHAPE] = &kd_op_reshape,
+    [KD_OP_SOFTMAX] = &kd_op_softmax,
+    [KD_OP_LOG_SOFTMAX] = &kd_op_log_softmax,
+    [KD_OP_CROSS_ENTROPY] = &kd_op_cross_entropy,
+    [KD_OP_MEAN] = &kd_op_mean,
+    [KD_OP_SUM] = &kd_op_sum,
+    [KD_OP_SCALE] = &kd_op_scale,
+};
