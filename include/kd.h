@@ -181,6 +181,7 @@ kd_node *kd_scale(kd_graph *g, kd_node *x, float s); /* s * x */
 kd_node *kd_dense(kd_graph *g, const char *prefix, kd_node *x, int out);
 kd_node *kd_conv(kd_graph *g, const char *prefix, kd_node *x, int out, int k, int stride, int pad, int bias);
 kd_node *kd_bn(kd_graph *g, const char *prefix, kd_node *x);
+kd_node *kd_bn_relu(kd_graph *g, const char *prefix, kd_node *x); /* batch norm with a fused ReLU */
 
 /* Gives a node a name by which losses and callers find it ("logits", "block2"). */
 void kd_node_set_name(kd_node *n, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -194,6 +195,7 @@ kd_status kd_graph_compile(kd_graph *g, int max_batch, uint64_t seed);
 /* Re-infers shapes for a batch of B <= max_batch rows. */
 void kd_graph_set_batch(kd_graph *g, int B);
 int kd_graph_batch(const kd_graph *g);
+int kd_graph_max_batch(const kd_graph *g);
 void kd_graph_set_threads(kd_graph *g, int n);
 /* Runs all nodes (training: batch statistics for BN, dropout on). */
 void kd_graph_forward(kd_graph *g, int training);

@@ -189,6 +189,7 @@ int kd_graph_n_state(const kd_graph *g) { return g->n_state; }
 kd_node *kd_graph_state(const kd_graph *g, int i) { return g->state[i]; }
 size_t kd_graph_arena_bytes(const kd_graph *g) { return g->arena_floats * sizeof(float); }
 int kd_graph_batch(const kd_graph *g) { return g->batch; }
+int kd_graph_max_batch(const kd_graph *g) { return g->max_batch; }
 void kd_graph_set_threads(kd_graph *g, int n) {
     KD_ASSERT(!g->compiled, "set threads before compile (workspaces are sized per thread)");
     g->threads = n > 0 ? n : 1;
@@ -435,6 +436,17 @@ void kd_graph_forward_to(kd_graph *g, int training, kd_node *upto) {
 
 void kd_graph_forward(kd_graph *g, int training) { kd_graph_forward_to(g, training, NULL); }
 
+/* memset on all threads: large gradients are megabytes */
+static void zero(float *p, int64_t n) {
+    const int64_t chunk = 1 << 16;
+    int64_t nc = (n + chunk - 1) / chunk;
+#pragma omp parallel for if (nc > 1) schedule(static)
+    for (int64_t c = 0; c < nc; c++) {
+        int64_t a = c * chunk, b = a + chunk < n ? a + chunk : n;
+        memset(p + a, 0, (size_t)(b - a) * sizeof *p);
+    }
+}
+
 void kd_graph_backward(kd_graph *g, kd_node *loss) {
     KD_ASSERT(g->compiled, "backward before compile");
     KD_ASSERT(loss->flags & KD_F_NEED_GRAD, "backward from '%s', which no trainable parameter reaches", loss->name);
@@ -447,7 +459,7 @@ void kd_graph_backward(kd_graph *g, kd_node *loss) {
     for (int i = loss->id; i >= 0; i--)
         if (mark[i])
             for (int j = 0; j < g->nodes[i]->n_in; j++) mark[g->nodes[i]->in[j]->id] = 1;
-    memset(g->pgrad, 0, g->pcount * sizeof(float));
+    zero(g->pgrad, (int64_t)g->pcount);
     for (int i = g->n - 1; i >= 0; i--) {
         kd_node *v = g->nodes[i];
         if (v->op == KD_OP_LEAF) continue;
@@ -455,7 +467,7 @@ void kd_graph_backward(kd_graph *g, kd_node *loss) {
         for (int j = 0; j < v->n_in; j++) {
             kd_node *u = v->in[j];
             if ((u->flags & KD_F_NEED_GRAD) && u->op != KD_OP_LEAF && g->grad_first[u->id] == i)
-                memset(u->grad.data, 0, (size_t)kd_numel(&u->grad) * sizeof(float));
+                zero(u->grad.data, kd_numel(&u->grad));
         }
         if (v == loss) v->grad.data[0] = 1.0f;
         if (!mark[i] || !(v->flags & KD_F_NEED_GRAD)) continue;

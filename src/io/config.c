@@ -174,23 +174,42 @@ typedef struct reader {
     FILE *f;
     const char *s; /* string source when f is NULL */
     int line;
+    int mid_line; /* the last chunk read did not end the line */
     kd_config *c;
     const char *origin;
     kd_status st;
+    int err_line; /* line of st when st != KD_OK */
 } reader;
 
+/* inih reads a line longer than its buffer in several chunks and drops all
+ * but the first; count lines, not chunks, and report the truncation. */
 static char *read_line(char *buf, int num, void *stream) {
     reader *r = stream;
-    r->line++;
-    if (r->f) return fgets(buf, num, r->f);
-    if (!*r->s) return NULL;
-    int i = 0;
-    while (*r->s && i < num - 1) {
-        char ch = *r->s++;
-        buf[i++] = ch;
-        if (ch == '\n') break;
+    int more; /* input left after this chunk */
+    if (r->f) {
+        if (!fgets(buf, num, r->f)) return NULL;
+        int ch = getc(r->f);
+        more = ch != EOF;
+        if (more) ungetc(ch, r->f);
+    } else {
+        if (!*r->s) return NULL;
+        int i = 0;
+        while (*r->s && i < num - 1) {
+            char ch = *r->s++;
+            buf[i++] = ch;
+            if (ch == '\n') break;
+        }
+        buf[i] = '\0';
+        more = *r->s != '\0';
     }
-    buf[i] = '\0';
+    if (!r->mid_line) r->line++;
+    size_t k = strlen(buf);
+    int was_mid = r->mid_line;
+    r->mid_line = more && (k == 0 || buf[k - 1] != '\n');
+    if (r->mid_line && !was_mid && r->st == KD_OK) {
+        r->st = kd_errorf(KD_ECONFIG, "%s:%d: line longer than %d characters", r->origin, r->line, num - 2);
+        r->err_line = r->line;
+    }
     return buf;
 }
 
@@ -199,9 +218,11 @@ static int handler(void *user, const char *section, const char *name, const char
     if (r->st != KD_OK) return 1; /* keep the first error */
     if (!*section) {
         r->st = kd_errorf(KD_ECONFIG, "%s:%d: key '%s' outside any [section]", r->origin, r->line, name);
+        r->err_line = r->line;
         return 1;
     }
     r->st = kd_config_set(r->c, section, name, val, r->origin, r->line);
+    r->err_line = r->line;
     return 1;
 }
 
@@ -209,7 +230,8 @@ static kd_status parse(kd_config *c, reader *r) {
     r->c = c;
     r->st = KD_OK;
     int rc = ini_parse_stream(read_line, r, handler, r);
-    if (r->st != KD_OK) return r->st;
+    /* report the earlier of our first error and inih's first malformed line */
+    if (r->st != KD_OK && (rc <= 0 || r->err_line <= rc)) return r->st;
     if (rc > 0) return kd_errorf(KD_ECONFIG, "%s:%d: malformed line (expected [section] or key = value)", r->origin, rc);
     if (rc < 0) return kd_errorf(KD_EIO, "%s: could not be parsed (out of memory)", r->origin);
     /* a section header alone is fine; an unknown empty section is not caught by

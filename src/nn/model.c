@@ -84,9 +84,10 @@ static kd_node *conv_bn_relu(kd_graph *g, kd_model *m, int idx, kd_node *x, int 
     kd_node *y = kd_conv(g, name, x, out, 3, 1, 1, !bn);
     if (bn) {
         snprintf(name, sizeof name, "%sbn%d", m->prefix, idx);
-        y = kd_bn(g, name, y);
+        y = kd_bn_relu(g, name, y); /* BN and ReLU fused: one pass, one buffer */
+    } else {
+        y = kd_relu(g, y);
     }
-    y = kd_relu(g, y);
     kd_node_set_name(y, "%srelu%d", m->prefix, idx);
     return y;
 }
@@ -176,7 +177,7 @@ static kd_node *resnet_block(kd_graph *g, kd_model *m, const char *name, kd_node
     snprintf(p, sizeof p, "%s%s.conv1", m->prefix, name);
     kd_node *h = kd_conv(g, p, x, out, 3, stride, 1, 0);
     snprintf(p, sizeof p, "%s%s.bn1", m->prefix, name);
-    h = kd_relu(g, kd_bn(g, p, h));
+    h = kd_bn_relu(g, p, h);
     snprintf(p, sizeof p, "%s%s.conv2", m->prefix, name);
     h = kd_conv(g, p, h, out, 3, 1, 1, 0);
     snprintf(p, sizeof p, "%s%s.bn2", m->prefix, name);
@@ -212,7 +213,7 @@ static kd_status build_resnet(kd_graph *g, const char *spec, const toks *tk, kd_
     snprintf(p, sizeof p, "%sconv1", m->prefix);
     kd_node *h = kd_conv(g, p, x, width, 3, 1, 1, 0);
     snprintf(p, sizeof p, "%sbn1", m->prefix);
-    h = kd_relu(g, kd_bn(g, p, h));
+    h = kd_bn_relu(g, p, h);
     tap(m, h, "stem");
     for (int s = 0; s < 3; s++) {
         for (int b = 0; b < nb; b++) {

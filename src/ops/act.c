@@ -27,21 +27,23 @@ static kd_status same_shape_infer(kd_node *n) {
 
 /* ---- relu */
 
+/* Branch-free and restrict-qualified so the compiler vectorises them: with
+ * random signs a branch mispredicts half the time. */
 static void relu_forward(kd_node *n, const kd_ctx *ctx) {
     (void)ctx;
     int64_t k = kd_numel(&n->val);
-    const float *x = n->in[0]->val.data;
-    float *y = n->val.data;
-#pragma omp parallel for if (k > PAR_MIN) schedule(static)
-    for (int64_t i = 0; i < k; i++) y[i] = x[i] > 0.0f ? x[i] : 0.0f;
+    const float *restrict x = n->in[0]->val.data;
+    float *restrict y = n->val.data;
+#pragma omp parallel for simd if (k > PAR_MIN) schedule(static)
+    for (int64_t i = 0; i < k; i++) y[i] = fmaxf(x[i], 0.0f);
 }
 
 static void relu_backward(kd_node *n, const kd_ctx *ctx) {
     (void)ctx;
     int64_t k = kd_numel(&n->val);
-    const float *y = n->val.data, *dy = n->grad.data;
-    float *dx = n->in[0]->grad.data;
-#pragma omp parallel for if (k > PAR_MIN) schedule(static)
+    const float *restrict y = n->val.data, *restrict dy = n->grad.data;
+    float *restrict dx = n->in[0]->grad.data;
+#pragma omp parallel for simd if (k > PAR_MIN) schedule(static)
     for (int64_t i = 0; i < k; i++) dx[i] += y[i] > 0.0f ? dy[i] : 0.0f;
 }
 
@@ -89,6 +91,7 @@ static void dropout_forward(kd_node *n, const kd_ctx *ctx) {
     float p = n->fp[0];
     if (!ctx->training || p <= 0.0f) {
         memcpy(y, x, (size_t)k * sizeof *y);
+        for (int64_t i = 0; i < k; i++) mask[i] = 1.0f; /* a backward after this forward is the identity */
         return;
     }
     int rows = n->val.shape[0];
@@ -130,9 +133,9 @@ const kd_op_def kd_op_dropout = {.name = "dropout",
 static void add_forward(kd_node *n, const kd_ctx *ctx) {
     (void)ctx;
     int64_t k = kd_numel(&n->val);
-    const float *a = n->in[0]->val.data, *b = n->in[1]->val.data;
-    float *y = n->val.data;
-#pragma omp parallel for if (k > PAR_MIN) schedule(static)
+    const float *restrict a = n->in[0]->val.data, *restrict b = n->in[1]->val.data;
+    float *restrict y = n->val.data;
+#pragma omp parallel for simd if (k > PAR_MIN) schedule(static)
     for (int64_t i = 0; i < k; i++) y[i] = a[i] + b[i];
 }
 
@@ -142,8 +145,8 @@ static void add_backward(kd_node *n, const kd_ctx *ctx) {
     const float *dy = n->grad.data;
     for (int j = 0; j < 2; j++) {
         if (!(n->in[j]->flags & KD_F_NEED_GRAD)) continue;
-        float *dx = n->in[j]->grad.data;
-#pragma omp parallel for if (k > PAR_MIN) schedule(static)
+        float *restrict dx = n->in[j]->grad.data;
+#pragma omp parallel for simd if (k > PAR_MIN) schedule(static)
         for (int64_t i = 0; i < k; i++) dx[i] += dy[i];
     }
 }

@@ -61,14 +61,21 @@ void kd_col2im(float *inp, const float *col, int C, int H, int W, int KH, int KW
         for (int kh = 0; kh < KH; kh++)
             for (int kw = 0; kw < KW; kw++) {
                 const float *src = col + ((size_t)(c * KH + kh) * KW + kw) * OH * OW;
+                /* ow whose iw = ow*stride - pad + kw lies in [0, W) */
+                int lo = 0, hi = OW;
+                while (lo < OW && lo * stride - pad + kw < 0) lo++;
+                while (hi > lo && (hi - 1) * stride - pad + kw >= W) hi--;
                 for (int oh = 0; oh < OH; oh++) {
                     int ih = oh * stride - pad + kh;
                     if (ih < 0 || ih >= H) continue;
-                    float *d = inp + ((size_t)c * H + ih) * W;
-                    const float *s = src + (size_t)oh * OW;
-                    for (int ow = 0; ow < OW; ow++) {
-                        int iw = ow * stride - pad + kw;
-                        if (iw >= 0 && iw < W) d[iw] += s[ow];
+                    float *restrict d = inp + ((size_t)c * H + ih) * W;
+                    const float *restrict s = src + (size_t)oh * OW;
+                    if (stride == 1) {
+                        float *restrict dd = d - pad + kw;
+#pragma omp simd
+                        for (int ow = lo; ow < hi; ow++) dd[ow] += s[ow];
+                    } else {
+                        for (int ow = lo; ow < hi; ow++) d[ow * stride - pad + kw] += s[ow];
                     }
                 }
             }

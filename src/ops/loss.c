@@ -32,7 +32,7 @@ static void softmax_rows(float *y, const float *x, int R, int K, int log_out) {
         double s = 0.0;
         for (int k = 0; k < K; k++) s += exp((double)xr[k] - m);
         if (log_out) {
-            float lse = m + (float)log(s);
+            double lse = m + log(s); /* double: rounding m + log(s) to float costs digits when |m| is large */
             for (int k = 0; k < K; k++) yr[k] = xr[k] - lse;
         } else {
             float inv = (float)(1.0 / s);

@@ -10,6 +10,8 @@
  * Backward in training mode (xhat = (x - mean) * invstd, N = B*H*W):
  *   dx = invstd/N * (N*g*dy - sum(g*dy) - xhat * sum(g*dy*xhat)),
  * in eval mode dx = g * invstd * dy. Channels run on OpenMP threads.
+ * ip[0] = 1 fuses a ReLU after the normalisation (kd_bn_relu): one pass over
+ * memory instead of two, and no separate buffer for the pre-ReLU value.
  */
 #include <math.h>
 #include <string.h>
@@ -39,28 +41,30 @@ static void bn_forward(kd_node *n, const kd_ctx *ctx) {
     float *rm = n->in[3]->val.data, *rv = n->in[4]->val.data;
     float *mean = n->ws, *invstd = mean + C;
     float mom = n->fp[0], eps = n->fp[1];
-    int train = ctx->training;
+    int train = ctx->training, relu = n->ip[0];
     invstd[C] = (float)train; /* mode flag, read by backward */
     long N = (long)B * S;
 #pragma omp parallel for if ((int64_t)N * C > 32768) schedule(static)
     for (int c = 0; c < C; c++) {
         float m, is;
         if (train) {
+            /* one pass: sum and sum of squares in double (float inputs, so
+             * E[x^2] - E[x]^2 keeps ~9 digits unless |mean|/std > 1e4) */
             double s = 0.0, ss = 0.0;
             for (int b = 0; b < B; b++) {
-                const float *p = x->data + ((size_t)b * C + c) * S;
-                for (int i = 0; i < S; i++) s += p[i];
+                const float *restrict p = x->data + ((size_t)b * C + c) * S;
+#pragma omp simd reduction(+ : s, ss)
+                for (int i = 0; i < S; i++) {
+                    s += p[i];
+                    ss += (double)p[i] * p[i];
+                }
             }
-            double mu = s / N;
-            for (int b = 0; b < B; b++) {
-                const float *p = x->data + ((size_t)b * C + c) * S;
-                for (int i = 0; i < S; i++) ss += (p[i] - mu) * (p[i] - mu);
-            }
-            double var = ss / N;
+            double mu = s / N, var = ss / N - mu * mu;
+            if (var < 0.0) var = 0.0;
             m = (float)mu;
             is = (float)(1.0 / sqrt(var + eps));
             rm[c] = (1.0f - mom) * rm[c] + mom * m;
-            rv[c] = (1.0f - mom) * rv[c] + mom * (float)(N > 1 ? ss / (N - 1) : var);
+            rv[c] = (1.0f - mom) * rv[c] + mom * (float)(N > 1 ? var * N / (N - 1) : var);
         } else {
             m = rm[c];
             is = 1.0f / sqrtf(rv[c] + eps);
@@ -69,21 +73,30 @@ static void bn_forward(kd_node *n, const kd_ctx *ctx) {
         invstd[c] = is;
         float a = gamma[c] * is, bb = beta[c] - m * a;
         for (int b = 0; b < B; b++) {
-            const float *p = x->data + ((size_t)b * C + c) * S;
-            float *y = n->val.data + ((size_t)b * C + c) * S;
-            for (int i = 0; i < S; i++) y[i] = p[i] * a + bb;
+            const float *restrict p = x->data + ((size_t)b * C + c) * S;
+            float *restrict y = n->val.data + ((size_t)b * C + c) * S;
+            if (relu) {
+#pragma omp simd
+                for (int i = 0; i < S; i++) y[i] = fmaxf(p[i] * a + bb, 0.0f);
+            } else {
+#pragma omp simd
+                for (int i = 0; i < S; i++) y[i] = p[i] * a + bb;
+            }
         }
     }
     if (train) n->in[5]->val.data[0] += 1.0f;
 }
 
+/* With a fused ReLU the gradient reaching the normalisation is dy where the
+ * output is positive and 0 elsewhere. */
 static void bn_backward(kd_node *n, const kd_ctx *ctx) {
     (void)ctx;
     kd_node *X = n->in[0], *G = n->in[1], *Be = n->in[2];
     const kd_tensor *x = &X->val;
     int B = x->shape[0], C = x->shape[1], S = x->ndim == 4 ? x->shape[2] * x->shape[3] : 1;
-    const float *mean = n->ws, *invstd = mean + C, *gamma = G->val.data, *dy = n->grad.data;
-    int train = invstd[C] != 0.0f;
+    const float *mean = n->ws, *invstd = mean + C, *gamma = G->val.data;
+    const float *dyall = n->grad.data, *yall = n->val.data;
+    int train = invstd[C] != 0.0f, relu = n->ip[0];
     long N = (long)B * S;
 #pragma omp parallel for if ((int64_t)N * C > 32768) schedule(static)
     for (int c = 0; c < C; c++) {
@@ -91,23 +104,31 @@ static void bn_backward(kd_node *n, const kd_ctx *ctx) {
         float m = mean[c], is = invstd[c];
         for (int b = 0; b < B; b++) {
             size_t o = ((size_t)b * C + c) * S;
+            const float *restrict dy = dyall + o, *restrict xp = x->data + o, *restrict y = yall + o;
+            float s1 = 0.0f, s2 = 0.0f; /* per-row partials in float, summed in double */
+#pragma omp simd reduction(+ : s1, s2)
             for (int i = 0; i < S; i++) {
-                sdy += dy[o + i];
-                sdyx += dy[o + i] * (x->data[o + i] - m) * is;
+                float d = relu ? (y[i] > 0.0f ? dy[i] : 0.0f) : dy[i];
+                s1 += d;
+                s2 += d * (xp[i] - m);
             }
+            sdy += s1;
+            sdyx += (double)s2 * is;
         }
         if (G->flags & KD_F_NEED_GRAD) G->grad.data[c] += (float)sdyx;
         if (Be->flags & KD_F_NEED_GRAD) Be->grad.data[c] += (float)sdy;
         if (!(X->flags & KD_F_NEED_GRAD)) continue;
         float gi = gamma[c] * is;
-        float k1 = (float)(sdy / N), k2 = (float)(sdyx / N);
+        float k1 = train ? (float)(sdy / N) : 0.0f, k2 = train ? (float)(sdyx / N) * is : 0.0f;
         for (int b = 0; b < B; b++) {
             size_t o = ((size_t)b * C + c) * S;
-            float *dx = X->grad.data + o;
-            if (train)
-                for (int i = 0; i < S; i++) dx[i] += gi * (dy[o + i] - k1 - (x->data[o + i] - m) * is * k2);
-            else
-                for (int i = 0; i < S; i++) dx[i] += gi * dy[o + i];
+            const float *restrict dy = dyall + o, *restrict xp = x->data + o, *restrict y = yall + o;
+            float *restrict dx = X->grad.data + o;
+#pragma omp simd
+            for (int i = 0; i < S; i++) {
+                float d = relu ? (y[i] > 0.0f ? dy[i] : 0.0f) : dy[i];
+                dx[i] += gi * (d - k1 - (xp[i] - m) * k2);
+            }
         }
     }
 }
@@ -122,7 +143,7 @@ kd_node *kd_batchnorm(kd_graph *g, kd_node *x, kd_node *gamma, kd_node *beta, kd
     return kd_graph_add_op_ex(g, KD_OP_BATCHNORM, 6, in, NULL, fp);
 }
 
-kd_node *kd_bn(kd_graph *g, const char *prefix, kd_node *x) {
+static kd_node *bn_build(kd_graph *g, const char *prefix, kd_node *x, int relu) {
     int C = x->val.ndim >= 2 ? x->val.shape[1] : 1;
     int cs[1] = {C}, one[1] = {1};
     char name[96];
@@ -137,7 +158,13 @@ kd_node *kd_bn(kd_graph *g, const char *prefix, kd_node *x) {
     snprintf(name, sizeof name, "%s.num_batches_tracked", prefix);
     kd_node *nbt = kd_buffer(g, name, 1, one, 0.0f);
     nbt->flags |= KD_F_I64;
-    kd_node *y = kd_batchnorm(g, x, ga, be, rm, rv, nbt, 0.1f, 1e-5f);
+    kd_node *in[6] = {x, ga, be, rm, rv, nbt};
+    int ip[8] = {relu};
+    float fp[8] = {0.1f, 1e-5f};
+    kd_node *y = kd_graph_add_op_ex(g, KD_OP_BATCHNORM, 6, in, ip, fp);
     kd_node_set_name(y, "%s", prefix);
     return y;
 }
+
+kd_node *kd_bn(kd_graph *g, const char *prefix, kd_node *x) { return bn_build(g, prefix, x, 0); }
+kd_node *kd_bn_relu(kd_graph *g, const char *prefix, kd_node *x) { return bn_build(g, prefix, x, 1); }

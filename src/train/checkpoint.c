@@ -60,7 +60,7 @@ kd_status kd_checkpoint_load(kd_graph *g, const kd_model *m, const char *path) {
                 s = kd_errorf(KD_EFORMAT, "%s: tensor '%s' not found (model %s)", path, name, m->spec);
                 break;
             }
-            if (t->nbytes != kd_dtype_size(t->dtype) || (t->dtype != KD_I64 && t->dtype != KD_F32)) {
+            if (t->ndim != 0 || t->nbytes != kd_dtype_size(t->dtype) || (t->dtype != KD_I64 && t->dtype != KD_F32)) {
                 s = kd_errorf(KD_EFORMAT, "%s: tensor '%s' must be a scalar I64", path, name);
                 break;
             }

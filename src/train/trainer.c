@@ -53,6 +53,7 @@ static int argmax(const float *z, int K) {
 }
 
 kd_eval_result kd_evaluate(kd_classifier *c, const kd_dataset *ds, int batch) {
+    if (batch > kd_graph_max_batch(c->g)) batch = kd_graph_max_batch(c->g);
     kd_loader_opts lo = {.batch = batch};
     kd_loader *ld = kd_loader_new(ds, &lo);
     kd_loader_start_epoch(ld, 0);
@@ -107,6 +108,7 @@ void kd_progress(kd_log *log, const char *role, int epoch, int epochs, int step,
 kd_status kd_train_classifier(kd_classifier *c, const kd_dataset *train, const kd_dataset *test,
                               const kd_train_opts *o, kd_log *log, kd_train_result *res) {
     memset(res, 0, sizeof *res);
+    KD_ASSERT(o->batch <= kd_graph_max_batch(c->g), "batch %d above the graph's %d", o->batch, kd_graph_max_batch(c->g));
     kd_loader_opts lo = {.batch = o->batch, .seed = o->seed, .shuffle = 1, .crop_pad = o->crop, .flip = o->flip};
     kd_loader *ld = kd_loader_new(train, &lo);
     int spe = kd_loader_batches(ld);
