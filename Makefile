@@ -5,13 +5,18 @@
 #   SANITIZE=1      build with -fsanitize=address,undefined (separate build dir)
 #   DEBUG=1         -O0
 #   OMP=0           no OpenMP
+#   ARCH=x86-64     portable binary (default: -march=native)
 CC      ?= cc
+# -march=native: AVX2/AVX-512 for our element-wise loops (BLAS picks its own
+# kernels at run time). ARCH=x86-64 builds a binary that runs on any x86-64.
+ARCH    ?= native
 BLASDIR ?= $(firstword $(wildcard /usr/lib/x86_64-linux-gnu/openblas-openmp /usr/lib/aarch64-linux-gnu/openblas-openmp))
 OPT     := -O2
 ifeq ($(DEBUG),1)
 OPT     := -O0
 endif
-CFLAGS  ?= $(OPT) -g
+# the dynamic cost model lets -O2 vectorise loops that need a runtime alias check
+CFLAGS  ?= $(OPT) -g -march=$(ARCH) -fvect-cost-model=dynamic
 CFLAGS  += -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -Iinclude -Isrc -MMD -MP
 LDLIBS  := -lcjson -linih -lz -lm
 ifneq ($(BLASDIR),)

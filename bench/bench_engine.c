@@ -87,6 +87,13 @@ int main(int argc, char **argv) {
         fprintf(stderr, "bench_engine: training does not reduce the loss (%g -> %g)\n", l0, l1);
         return 1;
     }
+    if (getenv("KD_PROFILE")) {
+        kd_graph_set_profile(c.g, 1);
+        for (int i = 0; i < 10; i++) TRAIN_STEP();
+        fprintf(stderr, "training step profile:\n");
+        kd_graph_profile_print(c.g, stderr);
+        kd_graph_set_profile(c.g, 0);
+    }
     int n = 0;
     double t0 = kd_now(), el;
     do {

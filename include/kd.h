@@ -111,6 +111,7 @@ enum {
     KD_F_FROZEN = 1 << 4,    /* eval-mode behaviour always (a teacher), no gradients */
     KD_F_I64 = 1 << 5,       /* buffer stored as int64 in checkpoints (num_batches_tracked) */
     KD_F_KEEP = 1 << 6,      /* value must survive the whole step (read by the caller) */
+    KD_F_GRAD_FRESH = 1 << 7, /* gradient buffer not yet written this backward: assign, don't add */
 };
 
 typedef enum kd_init {
@@ -205,6 +206,10 @@ void kd_graph_forward_to(kd_graph *g, int training, kd_node *upto);
 void kd_graph_backward(kd_graph *g, kd_node *loss);
 void kd_graph_set_step(kd_graph *g, uint64_t step); /* feeds dropout's RNG */
 
+/* Per-node timing of forward/backward (off by default). */
+void kd_graph_set_profile(kd_graph *g, int on);
+void kd_graph_profile_print(const kd_graph *g, FILE *f);
+
 kd_node *kd_graph_find(const kd_graph *g, const char *name);
 int kd_graph_n_nodes(const kd_graph *g);
 kd_node *kd_graph_node(const kd_graph *g, int i);
@@ -233,7 +238,9 @@ typedef struct kd_op_def {
     size_t (*workspace)(const kd_node *n, int threads); /* bytes of workspace at current (max) shapes */
     void (*forward)(kd_node *n, const kd_ctx *ctx);
     void (*backward)(kd_node *n, const kd_ctx *ctx); /* accumulate (+=) into inputs' grads */
-    int inplace_ok; /* reserved */
+    /* 1: backward honours KD_F_GRAD_FRESH on its inputs (kd_grad_take_fresh):
+     * it assigns where the flag is set, saving the zeroing pass */
+    int grad_overwrite;
 } kd_op_def;
 
 enum {
@@ -260,6 +267,14 @@ enum {
 };
 
 extern const kd_op_def *const kd_ops[KD_OP_COUNT];
+
+/* For ops with grad_overwrite: returns 1 (and clears the flag) when the
+ * input's gradient must be assigned rather than accumulated. */
+static inline int kd_grad_take_fresh(kd_node *u) {
+    int f = (u->flags & KD_F_GRAD_FRESH) != 0;
+    u->flags &= ~KD_F_GRAD_FRESH;
+    return f;
+}
 kd_node *kd_graph_add_op(kd_graph *g, int op, int n_in, kd_node **in);
 /* As kd_graph_add_op, with the op's integer/float arguments (8 each, or
  * NULL) set before its shape is inferred. */

@@ -38,8 +38,7 @@ static int load_fixture(kd_safetensors *st) {
     char path[512];
     kd_test_fixture("optim.safetensors", path, sizeof path);
     kd_status s = kd_st_read(path, st);
-    CHECK_MSG(s == KD_OK, "cannot read %s (run python3 tests/fixtures/gen_optim.py): %s", path,
-              kd_error_message());
+    CHECK_MSG(s == KD_OK, "cannot read %s (run python3 tests/fixtures/gen_optim.py): %s", path, kd_error_message());
     return s == KD_OK;
 }
 
@@ -179,14 +178,16 @@ static void test_schedules(void) {
         CHECK_CLOSE(kd_schedule_lr(&c, total - 1, total, 100), mn, 1e-6, 0);
         CHECK(kd_schedule_lr(&c, total - 1, total, 100) >= mn);
         int mono = 1;
-        for (int64_t s = 1; s < total; s++) mono &= kd_schedule_lr(&c, s, total, 100) <= kd_schedule_lr(&c, s - 1, total, 100);
+        for (int64_t s = 1; s < total; s++)
+            mono &= kd_schedule_lr(&c, s, total, 100) <= kd_schedule_lr(&c, s - 1, total, 100);
         CHECK_MSG(mono, "cosine schedule is not non-increasing");
     }
     TEST("linear warm-up then cosine") {
         const float lr = 0.1f, mn = 0.0f;
         const int64_t W = 8, total = 108;
         kd_optim_cfg c = {.lr = lr, .min_lr = mn, .sched = KD_SCHED_COSINE, .warmup_steps = W};
-        for (int64_t s = 0; s < W; s++) CHECK_CLOSE(kd_schedule_lr(&c, s, total, 10), lr * (double)(s + 1) / W, 0, 1e-6);
+        for (int64_t s = 0; s < W; s++)
+            CHECK_CLOSE(kd_schedule_lr(&c, s, total, 10), lr * (double)(s + 1) / W, 0, 1e-6);
         /* cosine over the remaining total - W = 100 steps */
         CHECK_CLOSE(kd_schedule_lr(&c, W, total, 10), lr, 0, 1e-7);
         CHECK_CLOSE(kd_schedule_lr(&c, W + 50, total, 10), 0.5 * (lr + mn), 0, 1e-6);

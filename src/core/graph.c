@@ -30,6 +30,8 @@
 #include <omp.h>
 #endif
 
+#include <time.h>
+
 #include "kd.h"
 
 struct kd_graph {
@@ -56,6 +58,8 @@ struct kd_graph {
     char *backward_mark;
     kd_node **state;
     int n_state;
+    double *prof; /* per node: forward seconds, backward seconds (when profiling) */
+    int64_t prof_steps;
 };
 
 kd_graph *kd_graph_new(void) {
@@ -82,6 +86,7 @@ void kd_graph_free(kd_graph *g) {
     free(g->grad_first);
     free(g->backward_mark);
     free(g->state);
+    free(g->prof);
     free(g);
 }
 
@@ -287,7 +292,11 @@ static void init_param(kd_node *n, uint64_t seed) {
 kd_status kd_graph_compile(kd_graph *g, int max_batch, uint64_t seed) {
     KD_ASSERT(!g->compiled, "graph compiled twice");
     KD_ASSERT(max_batch >= 1, "max_batch %d", max_batch);
-    if (g->build_status != KD_OK) return kd_errorf(g->build_status, "%s", g->build_error);
+    if (g->build_status != KD_OK) {
+        /* re-infer to name nodes by their final names (set after building) */
+        kd_status st = infer_all(g, max_batch);
+        return st != KD_OK ? st : kd_errorf(g->build_status, "%s", g->build_error);
+    }
     g->max_batch = max_batch;
     g->seed = seed;
     int n = g->n;
@@ -414,6 +423,14 @@ kd_status kd_graph_compile(kd_graph *g, int max_batch, uint64_t seed) {
     return KD_OK;
 }
 
+static double kd_wall(void) {
+#ifdef _OPENMP
+    return omp_get_wtime();
+#else
+    return (double)clock() / CLOCKS_PER_SEC;
+#endif
+}
+
 static void ctx_of(const kd_graph *g, kd_ctx *c, int training) {
     c->training = training;
     c->threads = g->threads;
@@ -430,8 +447,11 @@ void kd_graph_forward_to(kd_graph *g, int training, kd_node *upto) {
         kd_node *v = g->nodes[i];
         if (v->op == KD_OP_LEAF) continue;
         c.training = training && !(v->flags & KD_F_FROZEN);
+        double t0 = g->prof ? kd_wall() : 0.0;
         kd_ops[v->op]->forward(v, &c);
+        if (g->prof) g->prof[2 * i] += kd_wall() - t0;
     }
+    if (g->prof) g->prof_steps++;
 }
 
 void kd_graph_forward(kd_graph *g, int training) { kd_graph_forward_to(g, training, NULL); }
@@ -463,15 +483,52 @@ void kd_graph_backward(kd_graph *g, kd_node *loss) {
     for (int i = g->n - 1; i >= 0; i--) {
         kd_node *v = g->nodes[i];
         if (v->op == KD_OP_LEAF) continue;
-        /* gradients whose last consumer is this node come alive now */
+        /* gradients whose last consumer is this node come alive now: ops
+         * that can assign are told so, the others get a zeroed buffer */
+        int runs = mark[i] && (v->flags & KD_F_NEED_GRAD);
         for (int j = 0; j < v->n_in; j++) {
             kd_node *u = v->in[j];
-            if ((u->flags & KD_F_NEED_GRAD) && u->op != KD_OP_LEAF && g->grad_first[u->id] == i)
+            if (!(u->flags & KD_F_NEED_GRAD) || u->op == KD_OP_LEAF || g->grad_first[u->id] != i) continue;
+            if (runs && kd_ops[v->op]->grad_overwrite)
+                u->flags |= KD_F_GRAD_FRESH;
+            else
                 zero(u->grad.data, kd_numel(&u->grad));
         }
         if (v == loss) v->grad.data[0] = 1.0f;
-        if (!mark[i] || !(v->flags & KD_F_NEED_GRAD)) continue;
+        if (!runs) continue;
         c.training = !(v->flags & KD_F_FROZEN);
+        double t0 = g->prof ? kd_wall() : 0.0;
         kd_ops[v->op]->backward(v, &c);
+        if (g->prof) g->prof[2 * i + 1] += kd_wall() - t0;
+        /* an input the op did not write (say, no rows kept) is zero */
+        for (int j = 0; j < v->n_in; j++)
+            if (v->in[j]->flags & KD_F_GRAD_FRESH) {
+                v->in[j]->flags &= ~KD_F_GRAD_FRESH;
+                zero(v->in[j]->grad.data, kd_numel(&v->in[j]->grad));
+            }
     }
+}
+
+void kd_graph_set_profile(kd_graph *g, int on) {
+    free(g->prof);
+    g->prof = on ? kd_calloc(2 * (size_t)(g->n ? g->n : 1), sizeof(double)) : NULL;
+    g->prof_steps = 0;
+}
+
+void kd_graph_profile_print(const kd_graph *g, FILE *f) {
+    if (!g->prof || !g->prof_steps) return;
+    double tf = 0, tb = 0;
+    for (int i = 0; i < g->n; i++) {
+        tf += g->prof[2 * i];
+        tb += g->prof[2 * i + 1];
+    }
+    double tot = tf + tb > 0 ? tf + tb : 1;
+    fprintf(f, "%-28s %-14s %10s %10s %6s\n", "node", "op", "fwd ms", "bwd ms", "%");
+    for (int i = 0; i < g->n; i++) {
+        double a = g->prof[2 * i], b = g->prof[2 * i + 1];
+        if (a + b < 1e-3 * tot) continue;
+        fprintf(f, "%-28s %-14s %10.3f %10.3f %5.1f%%\n", g->nodes[i]->name, kd_ops[g->nodes[i]->op]->name,
+                1e3 * a / g->prof_steps, 1e3 * b / g->prof_steps, 100 * (a + b) / tot);
+    }
+    fprintf(f, "%-28s %-14s %10.3f %10.3f per forward\n", "total", "", 1e3 * tf / g->prof_steps, 1e3 * tb / g->prof_steps);
 }

@@ -143,6 +143,9 @@ kd_status kd_config_set(kd_config *c, const char *section, const char *key, cons
         return kd_errorf(KD_ECONFIG, "%s: unknown section [%s] (known: run, data, teacher, train)", w, section);
     int i = find(section, key);
     if (i < 0) return kd_errorf(KD_ECONFIG, "%s: unknown key '%s' in section [%s]", w, key, section);
+    for (const char *q = value_text; *q; q++)
+        if ((unsigned char)*q < 0x20 && *q != '\t')
+            return kd_errorf(KD_ECONFIG, "%s: [%s] %s: value contains a control character", w, section, key);
     /* strip matching quotes, a convenience for spec strings */
     size_t n = strlen(value_text);
     char *val = kd_strdup(value_text);
@@ -229,6 +232,8 @@ static int handler(void *user, const char *section, const char *name, const char
 static kd_status parse(kd_config *c, reader *r) {
     r->c = c;
     r->st = KD_OK;
+    /* an indented line would otherwise silently replace the value above it */
+    ini_allow_multiline = false;
     int rc = ini_parse_stream(read_line, r, handler, r);
     /* report the earlier of our first error and inih's first malformed line */
     if (r->st != KD_OK && (rc <= 0 || r->err_line <= rc)) return r->st;

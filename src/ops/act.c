@@ -35,7 +35,7 @@ static void relu_forward(kd_node *n, const kd_ctx *ctx) {
     const float *restrict x = n->in[0]->val.data;
     float *restrict y = n->val.data;
 #pragma omp parallel for simd if (k > PAR_MIN) schedule(static)
-    for (int64_t i = 0; i < k; i++) y[i] = fmaxf(x[i], 0.0f);
+    for (int64_t i = 0; i < k; i++) y[i] = x[i] <= 0.0f ? 0.0f : x[i]; /* NaN propagates, as in PyTorch */
 }
 
 static void relu_backward(kd_node *n, const kd_ctx *ctx) {

@@ -22,8 +22,40 @@
 
 #include "ops/ops.h"
 
+/* stride 1 with OW == W ("same" width): each (c, kh, kw) block of the column
+ * matrix is the image shifted by (kh-pad, kw-pad); copy it as one flat run
+ * and zero the rows and the column that fall outside the image. */
+static void im2col_same(float *col, const float *inp, int C, int H, int W, int KH, int KW, int pad, int OH) {
+    for (int c = 0; c < C; c++)
+        for (int kh = 0; kh < KH; kh++)
+            for (int kw = 0; kw < KW; kw++) {
+                float *restrict dst = col + ((size_t)(c * KH + kh) * KW + kw) * OH * W;
+                const float *restrict src = inp + (size_t)c * H * W;
+                int dy = kh - pad, dx = kw - pad;
+                int r0 = dy < 0 ? -dy : 0, r1 = H - dy < OH ? H - dy : OH;
+                if (r1 < r0) r1 = r0;
+                for (size_t i = 0; i < (size_t)r0 * W; i++) dst[i] = 0.0f;
+                for (size_t i = (size_t)r1 * W; i < (size_t)OH * W; i++) dst[i] = 0.0f;
+                if (r1 == r0) continue;
+                /* flat range [r0*W, r1*W), reading src at +dy*W+dx; skip the
+                 * first/last |dx| elements, which would read outside */
+                long j0 = (long)r0 * W + (dx < 0 ? -dx : 0), j1 = (long)r1 * W - (dx > 0 ? dx : 0);
+                long off = (long)dy * W + dx;
+                for (long j = j0; j < j1; j++) dst[j] = src[j + off];
+                /* columns whose source wrapped to the neighbouring row */
+                for (int r = r0; r < r1; r++) {
+                    for (int ow = 0; ow < -dx; ow++) dst[(size_t)r * W + ow] = 0.0f;
+                    for (int ow = W - dx; ow < W; ow++) dst[(size_t)r * W + ow] = 0.0f;
+                }
+            }
+}
+
 void kd_im2col(float *col, const float *inp, int C, int H, int W, int KH, int KW, int stride, int pad, int OH,
                int OW) {
+    if (stride == 1 && OW == W && pad < W) {
+        im2col_same(col, inp, C, H, W, KH, KW, pad, OH);
+        return;
+    }
     for (int c = 0; c < C; c++)
         for (int kh = 0; kh < KH; kh++)
             for (int kw = 0; kw < KW; kw++) {
@@ -32,7 +64,7 @@ void kd_im2col(float *col, const float *inp, int C, int H, int W, int KH, int KW
                     int ih = oh * stride - pad + kh;
                     float *d = dst + (size_t)oh * OW;
                     if (ih < 0 || ih >= H) {
-                        memset(d, 0, (size_t)OW * sizeof *d);
+                        for (int ow = 0; ow < OW; ow++) d[ow] = 0.0f;
                         continue;
                     }
                     const float *src = inp + ((size_t)c * H + ih) * W;
@@ -42,9 +74,13 @@ void kd_im2col(float *col, const float *inp, int C, int H, int W, int KH, int KW
                         int hi = W + pad - kw < OW ? W + pad - kw : OW;
                         if (hi < lo) hi = lo;
                         if (lo > OW) lo = hi = OW;
-                        memset(d, 0, (size_t)lo * sizeof *d);
-                        memcpy(d + lo, src + lo - pad + kw, (size_t)(hi - lo) * sizeof *d);
-                        memset(d + hi, 0, (size_t)(OW - hi) * sizeof *d);
+                        /* plain loops: rows are short (28 floats), where
+                         * memcpy/memset calls cost more than the copy */
+                        const float *restrict sp = src - pad + kw;
+                        float *restrict dp = d;
+                        for (int ow = 0; ow < lo; ow++) dp[ow] = 0.0f;
+                        for (int ow = lo; ow < hi; ow++) dp[ow] = sp[ow];
+                        for (int ow = hi; ow < OW; ow++) dp[ow] = 0.0f;
                     } else {
                         for (int ow = 0; ow < OW; ow++) {
                             int iw = ow * stride - pad + kw;
@@ -103,6 +139,8 @@ void kd_conv2d_forward_naive(float *out, const float *inp, const float *w, const
 
 typedef struct geom {
     int B, C, H, W, OC, KH, KW, OH, OW, stride, pad, ckk, ohw, direct;
+    int flip;      /* dx by convolving dy with the flipped kernel (stride 1) */
+    size_t dcol_n; /* floats of the per-thread dx column buffer */
 } geom;
 
 static geom geom_of(const kd_node *n) {
@@ -114,6 +152,8 @@ static geom geom_of(const kd_node *n) {
     g.ckk = g.C * g.KH * g.KW;
     g.ohw = g.OH * g.OW;
     g.direct = g.KH == 1 && g.KW == 1 && g.stride == 1 && g.pad == 0;
+    g.flip = !g.direct && g.stride == 1 && g.pad <= g.KH - 1 && g.pad <= g.KW - 1;
+    g.dcol_n = g.flip ? (size_t)g.OC * g.KH * g.KW * g.H * g.W : (size_t)g.ckk * g.ohw;
     return g;
 }
 
@@ -134,14 +174,15 @@ static kd_status conv_infer(kd_node *n) {
     return KD_OK;
 }
 
-/* per thread: col (ckk*ohw) and dcol (ckk*ohw), dW partial (OC*ckk), db partial (OC) */
+/* per thread: col (ckk*ohw), dcol (dcol_n), dW partial (OC*ckk), db partial
+ * (OC); after all threads' areas, the flipped kernel (C, OC*KH*KW) */
 static size_t conv_thread_floats(const geom *g) {
-    return 2 * (size_t)g->ckk * g->ohw + (size_t)g->OC * g->ckk + (size_t)g->OC + 32;
+    return (size_t)g->ckk * g->ohw + g->dcol_n + (size_t)g->OC * g->ckk + (size_t)g->OC + 32;
 }
 
 static size_t conv_ws(const kd_node *n, int threads) {
     geom g = geom_of(n);
-    return (size_t)threads * conv_thread_floats(&g) * sizeof(float);
+    return ((size_t)threads * conv_thread_floats(&g) + (size_t)g.OC * g.ckk) * sizeof(float);
 }
 
 static int thread_id(void) {
@@ -172,24 +213,38 @@ static void conv_forward(kd_node *n, const kd_ctx *ctx) {
     }
 }
 
+/* dx for stride 1: dx[c,i,j] = sum_{o,kh,kw} w[o,c,kh,kw] dy[o, i+pad-kh, j+pad-kw]
+ * is a convolution of dy, padded by KH-1-pad, with wt[c,o,kh',kw'] =
+ * w[o,c,KH-1-kh',KW-1-kw']. As im2col + GEMM its inner dimension is
+ * OC*KH*KW instead of OC, and there is no scatter (col2im). */
+static void flip_kernel(float *wt, const float *w, const geom *g) {
+    int KK = g->KH * g->KW;
+    for (int o = 0; o < g->OC; o++)
+        for (int c = 0; c < g->C; c++)
+            for (int k = 0; k < KK; k++)
+                wt[(size_t)c * g->OC * KK + (size_t)o * KK + (KK - 1 - k)] = w[((size_t)o * g->C + c) * KK + k];
+}
+
 static void conv_backward(kd_node *n, const kd_ctx *ctx) {
     geom g = geom_of(n);
     kd_node *X = n->in[0], *Wn = n->in[1], *Bn = n->n_in > 2 ? n->in[2] : NULL;
     int need_x = (X->flags & KD_F_NEED_GRAD) != 0, need_w = (Wn->flags & KD_F_NEED_GRAD) != 0;
     int need_b = Bn && (Bn->flags & KD_F_NEED_GRAD);
+    int fresh = need_x && kd_grad_take_fresh(X);
     const float *x = X->val.data, *w = Wn->val.data, *dy = n->grad.data;
     float *ws = n->ws;
     size_t per = conv_thread_floats(&g);
     int T = ctx->threads;
-    for (int t = 0; t < T; t++) {
-        float *p = ws + (size_t)t * per + 2 * (size_t)g.ckk * g.ohw;
-        memset(p, 0, ((size_t)g.OC * g.ckk + g.OC) * sizeof *p);
-    }
+    float *wt = ws + (size_t)T * per;
+    if (need_x && g.flip) flip_kernel(wt, w, &g);
+    size_t part = (size_t)g.ckk * g.ohw + g.dcol_n;
+    for (int t = 0; t < T; t++) memset(ws + (size_t)t * per + part, 0, ((size_t)g.OC * g.ckk + g.OC) * sizeof(float));
+    int tp = g.KH - 1 - g.pad; /* padding of the flipped convolution */
 #pragma omp parallel for num_threads(T) schedule(static)
     for (int b = 0; b < g.B; b++) {
         float *base = ws + (size_t)thread_id() * per;
         float *col = base, *dcol = base + (size_t)g.ckk * g.ohw;
-        float *dw = dcol + (size_t)g.ckk * g.ohw, *db = dw + (size_t)g.OC * g.ckk;
+        float *dw = base + part, *db = dw + (size_t)g.OC * g.ckk;
         const float *xb = x + (size_t)b * g.C * g.H * g.W;
         const float *dyb = dy + (size_t)b * g.OC * g.ohw;
         if (need_w) {
@@ -205,18 +260,25 @@ static void conv_backward(kd_node *n, const kd_ctx *ctx) {
             }
         if (need_x) {
             float *dxb = X->grad.data + (size_t)b * g.C * g.H * g.W;
+            int HW = g.H * g.W, okk = g.OC * g.KH * g.KW;
+            float beta = fresh ? 0.0f : 1.0f;
             if (g.direct) {
                 cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, g.ckk, g.ohw, g.OC, 1.0f, w, g.ckk, dyb, g.ohw,
-                            1.0f, dxb, g.ohw);
+                            beta, dxb, g.ohw);
+            } else if (g.flip) {
+                kd_im2col(dcol, dyb, g.OC, g.OH, g.OW, g.KH, g.KW, 1, tp, g.H, g.W);
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, g.C, HW, okk, 1.0f, wt, okk, dcol, HW, beta,
+                            dxb, HW);
             } else {
                 cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, g.ckk, g.ohw, g.OC, 1.0f, w, g.ckk, dyb, g.ohw,
                             0.0f, dcol, g.ohw);
+                if (fresh) memset(dxb, 0, (size_t)HW * g.C * sizeof *dxb);
                 kd_col2im(dxb, dcol, g.C, g.H, g.W, g.KH, g.KW, g.stride, g.pad, g.OH, g.OW);
             }
         }
     }
     for (int t = 0; t < T; t++) {
-        const float *dw = ws + (size_t)t * per + 2 * (size_t)g.ckk * g.ohw, *db = dw + (size_t)g.OC * g.ckk;
+        const float *dw = ws + (size_t)t * per + part, *db = dw + (size_t)g.OC * g.ckk;
         if (need_w)
             for (size_t i = 0; i < (size_t)g.OC * g.ckk; i++) Wn->grad.data[i] += dw[i];
         if (need_b)
@@ -228,7 +290,8 @@ const kd_op_def kd_op_conv2d = {.name = "conv2d",
                                 .infer = conv_infer,
                                 .workspace = conv_ws,
                                 .forward = conv_forward,
-                                .backward = conv_backward};
+                                .backward = conv_backward,
+                                .grad_overwrite = 1};
 
 kd_node *kd_conv2d(kd_graph *g, kd_node *x, kd_node *w, kd_node *b, int stride, int pad) {
     KD_ASSERT(stride >= 1 && pad >= 0, "conv2d stride %d pad %d", stride, pad);

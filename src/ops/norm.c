@@ -29,112 +29,185 @@ static kd_status bn_infer(kd_node *n) {
     return KD_OK;
 }
 
+/* ws: per-channel sums (C*2 doubles), partial sums per (row, channel) for
+ * the maximum batch (B*C*2 doubles), then mean (C), invstd (C) and the mode
+ * flag as floats at the very end */
 static size_t bn_ws(const kd_node *n, int threads) {
     (void)threads;
-    return (2 * (size_t)n->in[0]->val.shape[1] + 1) * sizeof(float);
+    size_t B = (size_t)n->in[0]->val.shape[0], C = (size_t)n->in[0]->val.shape[1];
+    return (C + B * C) * 2 * sizeof(double) + (2 * C + 1) * sizeof(float);
 }
 
-static void bn_forward(kd_node *n, const kd_ctx *ctx) {
+typedef struct bn_geom {
+    int B, C, S;
+    long N;
+    double *acc, *part;
+    float *mean, *invstd;
+} bn_geom;
+
+static bn_geom bn_geom_of(kd_node *n) {
     const kd_tensor *x = &n->in[0]->val;
-    int B = x->shape[0], C = x->shape[1], S = x->ndim == 4 ? x->shape[2] * x->shape[3] : 1;
-    const float *gamma = n->in[1]->val.data, *beta = n->in[2]->val.data;
-    float *rm = n->in[3]->val.data, *rv = n->in[4]->val.data;
-    float *mean = n->ws, *invstd = mean + C;
+    bn_geom g = {.B = x->shape[0], .C = x->shape[1], .S = x->ndim == 4 ? x->shape[2] * x->shape[3] : 1};
+    g.N = (long)g.B * g.S;
+    g.acc = n->ws;
+    g.part = g.acc + 2 * (size_t)g.C;
+    /* the float area starts after the partials of the *maximum* batch */
+    g.mean = (float *)((char *)n->ws + n->ws_bytes - (2 * (size_t)g.C + 1) * sizeof(float));
+    g.invstd = g.mean + g.C;
+    return g;
+}
+
+/* Memory is walked row by row ((b, c) planes of S contiguous floats), so
+ * every pass streams; per-plane partial sums are reduced over b in a fixed
+ * order, so results do not depend on the thread count. */
+static void bn_forward(kd_node *n, const kd_ctx *ctx) {
+    bn_geom q = bn_geom_of(n);
+    const float *x = n->in[0]->val.data, *gamma = n->in[1]->val.data, *beta = n->in[2]->val.data;
+    float *rm = n->in[3]->val.data, *rv = n->in[4]->val.data, *y = n->val.data;
     float mom = n->fp[0], eps = n->fp[1];
-    int train = ctx->training, relu = n->ip[0];
-    invstd[C] = (float)train; /* mode flag, read by backward */
-    long N = (long)B * S;
-#pragma omp parallel for if ((int64_t)N * C > 32768) schedule(static)
-    for (int c = 0; c < C; c++) {
-        float m, is;
-        if (train) {
-            /* one pass: sum and sum of squares in double (float inputs, so
-             * E[x^2] - E[x]^2 keeps ~9 digits unless |mean|/std > 1e4) */
+    int train = ctx->training, relu = n->ip[0], BC = q.B * q.C, S = q.S;
+    q.invstd[q.C] = (float)train; /* mode flag, read by backward */
+    if (train) {
+#pragma omp parallel for if ((int64_t)BC * S > 32768) schedule(static)
+        for (int r = 0; r < BC; r++) {
+            const float *restrict p = x + (size_t)r * S;
             double s = 0.0, ss = 0.0;
-            for (int b = 0; b < B; b++) {
-                const float *restrict p = x->data + ((size_t)b * C + c) * S;
 #pragma omp simd reduction(+ : s, ss)
-                for (int i = 0; i < S; i++) {
-                    s += p[i];
-                    ss += (double)p[i] * p[i];
-                }
+            for (int i = 0; i < S; i++) {
+                s += p[i];
+                ss += (double)p[i] * p[i];
             }
-            double mu = s / N, var = ss / N - mu * mu;
-            if (var < 0.0) var = 0.0;
-            m = (float)mu;
-            is = (float)(1.0 / sqrt(var + eps));
-            rm[c] = (1.0f - mom) * rm[c] + mom * m;
-            rv[c] = (1.0f - mom) * rv[c] + mom * (float)(N > 1 ? var * N / (N - 1) : var);
-        } else {
-            m = rm[c];
-            is = 1.0f / sqrtf(rv[c] + eps);
+            q.part[2 * r] = s;
+            q.part[2 * r + 1] = ss;
         }
-        mean[c] = m;
-        invstd[c] = is;
-        float a = gamma[c] * is, bb = beta[c] - m * a;
-        for (int b = 0; b < B; b++) {
-            const float *restrict p = x->data + ((size_t)b * C + c) * S;
-            float *restrict y = n->val.data + ((size_t)b * C + c) * S;
-            if (relu) {
-#pragma omp simd
-                for (int i = 0; i < S; i++) y[i] = fmaxf(p[i] * a + bb, 0.0f);
-            } else {
-#pragma omp simd
-                for (int i = 0; i < S; i++) y[i] = p[i] * a + bb;
+        for (int c = 0; c < q.C; c++) {
+            double s = 0.0, ss = 0.0;
+            for (int b = 0; b < q.B; b++) {
+                s += q.part[2 * ((size_t)b * q.C + c)];
+                ss += q.part[2 * ((size_t)b * q.C + c) + 1];
             }
+            /* E[x^2] - E[x]^2 in double from float inputs keeps ~9 digits
+             * unless |mean|/std exceeds ~1e4 */
+            double mu = s / q.N, var = ss / q.N - mu * mu;
+            if (var < 0.0) var = 0.0;
+            q.mean[c] = (float)mu;
+            q.invstd[c] = (float)(1.0 / sqrt(var + eps));
+            rm[c] = (1.0f - mom) * rm[c] + mom * (float)mu;
+            rv[c] = (1.0f - mom) * rv[c] + mom * (float)(q.N > 1 ? var * q.N / (q.N - 1) : var);
+        }
+        n->in[5]->val.data[0] += 1.0f;
+    } else {
+        for (int c = 0; c < q.C; c++) {
+            q.mean[c] = rm[c];
+            q.invstd[c] = 1.0f / sqrtf(rv[c] + eps);
         }
     }
-    if (train) n->in[5]->val.data[0] += 1.0f;
+#pragma omp parallel for if ((int64_t)BC * S > 32768) schedule(static)
+    for (int r = 0; r < BC; r++) {
+        int c = r % q.C;
+        float a = gamma[c] * q.invstd[c], bb = beta[c] - q.mean[c] * a;
+        const float *restrict p = x + (size_t)r * S;
+        float *restrict o = y + (size_t)r * S;
+        if (relu) {
+#pragma omp simd
+            for (int i = 0; i < S; i++) {
+                    float v = p[i] * a + bb;
+                    o[i] = v <= 0.0f ? 0.0f : v;
+                }
+        } else {
+#pragma omp simd
+            for (int i = 0; i < S; i++) o[i] = p[i] * a + bb;
+        }
+    }
 }
 
 /* With a fused ReLU the gradient reaching the normalisation is dy where the
- * output is positive and 0 elsewhere. */
+ * output is positive and 0 elsewhere. The row kernels take `relu` as a
+ * compile-time constant (they are inlined twice) so both versions vectorise. */
+static inline __attribute__((always_inline)) void bn_bwd_sums(float *s1o, float *s2o, const float *restrict dy,
+                                                              const float *restrict xp, const float *restrict y,
+                                                              float m, int S, const int relu) {
+    float s1 = 0.0f, s2 = 0.0f; /* a plane's partials in float, summed over planes in double */
+#pragma omp simd reduction(+ : s1, s2)
+    for (int i = 0; i < S; i++) {
+        float d = relu ? (y[i] > 0.0f ? dy[i] : 0.0f) : dy[i];
+        s1 += d;
+        s2 += d * (xp[i] - m);
+    }
+    *s1o = s1;
+    *s2o = s2;
+}
+
+static inline __attribute__((always_inline)) void bn_bwd_dx(float *restrict dx, const float *restrict dy,
+                                                            const float *restrict xp, const float *restrict y,
+                                                            float m, float gi, float k1, float k2, int S,
+                                                            const int relu, const int assign) {
+#pragma omp simd
+    for (int i = 0; i < S; i++) {
+        float d = relu ? (y[i] > 0.0f ? dy[i] : 0.0f) : dy[i];
+        float v = gi * (d - k1 - (xp[i] - m) * k2);
+        dx[i] = assign ? v : dx[i] + v;
+    }
+}
+
 static void bn_backward(kd_node *n, const kd_ctx *ctx) {
     (void)ctx;
+    bn_geom q = bn_geom_of(n);
     kd_node *X = n->in[0], *G = n->in[1], *Be = n->in[2];
-    const kd_tensor *x = &X->val;
-    int B = x->shape[0], C = x->shape[1], S = x->ndim == 4 ? x->shape[2] * x->shape[3] : 1;
-    const float *mean = n->ws, *invstd = mean + C, *gamma = G->val.data;
-    const float *dyall = n->grad.data, *yall = n->val.data;
-    int train = invstd[C] != 0.0f, relu = n->ip[0];
-    long N = (long)B * S;
-#pragma omp parallel for if ((int64_t)N * C > 32768) schedule(static)
-    for (int c = 0; c < C; c++) {
+    const float *x = X->val.data, *gamma = G->val.data, *dyall = n->grad.data, *yall = n->val.data;
+    int train = q.invstd[q.C] != 0.0f, relu = n->ip[0], BC = q.B * q.C, S = q.S;
+#pragma omp parallel for if ((int64_t)BC * S > 32768) schedule(static)
+    for (int r = 0; r < BC; r++) {
+        size_t o = (size_t)r * S;
+        float s1, s2, m = q.mean[r % q.C];
+        if (relu)
+            bn_bwd_sums(&s1, &s2, dyall + o, x + o, yall + o, m, S, 1);
+        else
+            bn_bwd_sums(&s1, &s2, dyall + o, x + o, yall + o, m, S, 0);
+        q.part[2 * r] = s1;
+        q.part[2 * r + 1] = s2;
+    }
+    /* per channel: sum(dy) and sum(dy * xhat) */
+    double *acc = q.acc;
+    for (int c = 0; c < q.C; c++) {
         double sdy = 0.0, sdyx = 0.0;
-        float m = mean[c], is = invstd[c];
-        for (int b = 0; b < B; b++) {
-            size_t o = ((size_t)b * C + c) * S;
-            const float *restrict dy = dyall + o, *restrict xp = x->data + o, *restrict y = yall + o;
-            float s1 = 0.0f, s2 = 0.0f; /* per-row partials in float, summed in double */
-#pragma omp simd reduction(+ : s1, s2)
-            for (int i = 0; i < S; i++) {
-                float d = relu ? (y[i] > 0.0f ? dy[i] : 0.0f) : dy[i];
-                s1 += d;
-                s2 += d * (xp[i] - m);
-            }
-            sdy += s1;
-            sdyx += (double)s2 * is;
+        for (int b = 0; b < q.B; b++) {
+            sdy += q.part[2 * ((size_t)b * q.C + c)];
+            sdyx += q.part[2 * ((size_t)b * q.C + c) + 1];
         }
+        sdyx *= q.invstd[c];
+        acc[2 * c] = sdy;
+        acc[2 * c + 1] = sdyx;
         if (G->flags & KD_F_NEED_GRAD) G->grad.data[c] += (float)sdyx;
         if (Be->flags & KD_F_NEED_GRAD) Be->grad.data[c] += (float)sdy;
-        if (!(X->flags & KD_F_NEED_GRAD)) continue;
-        float gi = gamma[c] * is;
-        float k1 = train ? (float)(sdy / N) : 0.0f, k2 = train ? (float)(sdyx / N) * is : 0.0f;
-        for (int b = 0; b < B; b++) {
-            size_t o = ((size_t)b * C + c) * S;
-            const float *restrict dy = dyall + o, *restrict xp = x->data + o, *restrict y = yall + o;
-            float *restrict dx = X->grad.data + o;
-#pragma omp simd
-            for (int i = 0; i < S; i++) {
-                float d = relu ? (y[i] > 0.0f ? dy[i] : 0.0f) : dy[i];
-                dx[i] += gi * (d - k1 - (xp[i] - m) * k2);
-            }
-        }
+    }
+    if (!(X->flags & KD_F_NEED_GRAD)) return;
+    int fresh = kd_grad_take_fresh(X);
+#pragma omp parallel for if ((int64_t)BC * S > 32768) schedule(static)
+    for (int r = 0; r < BC; r++) {
+        int c = r % q.C;
+        float m = q.mean[c], is = q.invstd[c], gi = gamma[c] * is;
+        float k1 = train ? (float)(acc[2 * c] / q.N) : 0.0f, k2 = train ? (float)(acc[2 * c + 1] / q.N) * is : 0.0f;
+        size_t o = (size_t)r * S;
+        float *dx = X->grad.data + o;
+        if (relu && fresh)
+            bn_bwd_dx(dx, dyall + o, x + o, yall + o, m, gi, k1, k2, S, 1, 1);
+        else if (relu)
+            bn_bwd_dx(dx, dyall + o, x + o, yall + o, m, gi, k1, k2, S, 1, 0);
+        else if (fresh)
+            bn_bwd_dx(dx, dyall + o, x + o, yall + o, m, gi, k1, k2, S, 0, 1);
+        else
+            bn_bwd_dx(dx, dyall + o, x + o, yall + o, m, gi, k1, k2, S, 0, 0);
     }
 }
 
 const kd_op_def kd_op_batchnorm = {
-    .name = "batchnorm", .infer = bn_infer, .workspace = bn_ws, .forward = bn_forward, .backward = bn_backward};
+    .name = "batchnorm",
+    .infer = bn_infer,
+    .workspace = bn_ws,
+    .forward = bn_forward,
+    .backward = bn_backward,
+    .grad_overwrite = 1};
 
 kd_node *kd_batchnorm(kd_graph *g, kd_node *x, kd_node *gamma, kd_node *beta, kd_node *rmean, kd_node *rvar,
                       kd_node *nbt, float momentum, float eps) {

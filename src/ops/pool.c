@@ -6,6 +6,7 @@
  * backward is a scatter; ties go to the first element in row-major order,
  * like PyTorch. ip: [0] kernel, [1] stride.
  */
+#include <math.h>
 #include <string.h>
 
 #include "ops/ops.h"
@@ -34,6 +35,29 @@ static void maxpool_forward(kd_node *n, const kd_ctx *ctx) {
     int BC = x->shape[0] * x->shape[1], H = x->shape[2], W = x->shape[3];
     int OH = n->val.shape[2], OW = n->val.shape[3], k = n->ip[0], s = n->ip[1];
     int32_t *arg = n->ws;
+    if (k == 2 && s == 2) { /* the common case, without the generic window loop */
+#pragma omp parallel for if ((int64_t)BC * H * W > 32768) schedule(static)
+        for (int p = 0; p < BC; p++) {
+            const float *xp = x->data + (size_t)p * H * W;
+            float *yp = n->val.data + (size_t)p * OH * OW;
+            int32_t *ap = arg + (size_t)p * OH * OW;
+            for (int oh = 0; oh < OH; oh++) {
+                const float *r0 = xp + (size_t)(2 * oh) * W, *r1 = r0 + W;
+                for (int ow = 0; ow < OW; ow++) {
+                    /* first maximum in row-major order wins; NaN propagates */
+                    int i0 = 2 * oh * W + 2 * ow, best = i0;
+                    float m = r0[2 * ow];
+                    if (r0[2 * ow + 1] > m || isnan(r0[2 * ow + 1])) m = r0[2 * ow + 1], best = i0 + 1;
+                    if (r1[2 * ow] > m || isnan(r1[2 * ow])) m = r1[2 * ow], best = i0 + W;
+                    if (r1[2 * ow + 1] > m || isnan(r1[2 * ow + 1])) m = r1[2 * ow + 1], best = i0 + W + 1;
+                    if (isnan(r0[2 * ow])) m = r0[2 * ow], best = i0;
+                    yp[oh * OW + ow] = m;
+                    ap[oh * OW + ow] = best;
+                }
+            }
+        }
+        return;
+    }
 #pragma omp parallel for if ((int64_t)BC * H * W > 32768) schedule(static)
     for (int p = 0; p < BC; p++) {
         const float *xp = x->data + (size_t)p * H * W;
@@ -44,7 +68,7 @@ static void maxpool_forward(kd_node *n, const kd_ctx *ctx) {
                 for (int i = 0; i < k; i++)
                     for (int j = 0; j < k; j++) {
                         int idx = (oh * s + i) * W + ow * s + j;
-                        if (xp[idx] > m) {
+                        if (xp[idx] > m || isnan(xp[idx])) { /* NaN propagates, as in PyTorch */
                             m = xp[idx];
                             best = idx;
                         }
