@@ -202,7 +202,10 @@ void kd_graph_set_threads(kd_graph *g, int n);
 void kd_graph_forward(kd_graph *g, int training);
 /* Forward only up to and including node `upto` (NULL: all). */
 void kd_graph_forward_to(kd_graph *g, int training, kd_node *upto);
-/* Zeroes all gradients, seeds d(loss)=1 and sweeps backward. */
+/* Seeds d(loss)=1 and sweeps backward; parameter gradients (flat array) are
+ * zeroed first. Memory is shared by liveness: after backward, only the values
+ * of parameters, inputs, nodes flagged KD_F_KEEP and nodes nothing consumes
+ * are still valid; read any other value between forward and backward. */
 void kd_graph_backward(kd_graph *g, kd_node *loss);
 void kd_graph_set_step(kd_graph *g, uint64_t step); /* feeds dropout's RNG */
 

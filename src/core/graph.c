@@ -14,10 +14,13 @@
  *
  * Timeline used for liveness: forward of node i happens at time i, backward
  * of node i at time 2n-1-i. A value lives from its forward to the last
- * forward that reads it, or to the end of the step if anything reads it in
- * backward (we conservatively say: any consumer that needs gradients). A
- * gradient lives from the backward of its last consumer (which zeroes it
- * and then accumulates) to its own backward.
+ * forward that reads it, or, if a backward reads it (we conservatively say:
+ * its own backward and that of every consumer that needs gradients), to the
+ * last such backward. So late layers' activations are released early in
+ * backward and earlier layers' gradients reuse them. A gradient lives from
+ * the backward of its last consumer (which zeroes or assigns it) to its own
+ * backward. Values of nodes flagged KD_F_KEEP, and of nodes nothing
+ * consumes, live to the end of the step.
  *
  * Deliberately not done: graph rewriting (fusion, in-place ops), several
  * losses per backward call (sum them with kd_add instead).
@@ -314,8 +317,8 @@ kd_status kd_graph_compile(kd_graph *g, int max_batch, uint64_t seed) {
     }
     int *last_fwd = kd_malloc((size_t)n * sizeof *last_fwd);
     int *last_grad_consumer = kd_malloc((size_t)n * sizeof *last_grad_consumer);
-    char *read_in_bwd = kd_calloc((size_t)n, 1);
-    for (int i = 0; i < n; i++) last_fwd[i] = last_grad_consumer[i] = -1;
+    int *first_bwd_reader = kd_malloc((size_t)n * sizeof *first_bwd_reader);
+    for (int i = 0; i < n; i++) last_fwd[i] = last_grad_consumer[i] = first_bwd_reader[i] = -1;
     for (int i = 0; i < n; i++) {
         kd_node *v = g->nodes[i];
         for (int j = 0; j < v->n_in; j++) {
@@ -323,11 +326,10 @@ kd_status kd_graph_compile(kd_graph *g, int max_batch, uint64_t seed) {
             u->n_consumers++;
             last_fwd[u->id] = i;
             if (v->flags & KD_F_NEED_GRAD) {
-                read_in_bwd[u->id] = 1;
+                if (first_bwd_reader[u->id] < 0) first_bwd_reader[u->id] = i;
                 if (u->flags & KD_F_NEED_GRAD) last_grad_consumer[u->id] = i;
             }
         }
-        if (v->flags & KD_F_NEED_GRAD) read_in_bwd[i] = 1; /* own backward may read its output */
     }
 
     /* 2. shapes */
@@ -335,7 +337,7 @@ kd_status kd_graph_compile(kd_graph *g, int max_batch, uint64_t seed) {
     if (st != KD_OK) {
         free(last_fwd);
         free(last_grad_consumer);
-        free(read_in_bwd);
+        free(first_bwd_reader);
         return st;
     }
     g->batch = max_batch;
@@ -381,8 +383,15 @@ kd_status kd_graph_compile(kd_graph *g, int max_batch, uint64_t seed) {
         kd_node *v = g->nodes[i];
         if (v->op == KD_OP_LEAF) continue;
         size_t k = round_up((size_t)kd_numel(&v->val));
+        /* backward runs in reverse, so the last backward to read this value
+         * is its own (when it needs gradients) or else that of its
+         * lowest-numbered consumer that needs gradients */
         int end = last_fwd[i];
-        if (read_in_bwd[i] || v->n_consumers == 0 || (v->flags & KD_F_KEEP) || end < 0) end = T;
+        if (v->flags & KD_F_NEED_GRAD)
+            end = 2 * n - 1 - i;
+        else if (first_bwd_reader[i] >= 0)
+            end = 2 * n - 1 - first_bwd_reader[i];
+        if (v->n_consumers == 0 || (v->flags & KD_F_KEEP) || end < 0) end = T;
         iv[m++] = (interval){.node = i, .is_grad = 0, .t0 = i, .t1 = end, .size = k};
         if (v->flags & KD_F_NEED_GRAD) {
             int first = last_grad_consumer[i] >= 0 ? 2 * n - 1 - last_grad_consumer[i] : 2 * n - 1 - i;
@@ -404,7 +413,7 @@ kd_status kd_graph_compile(kd_graph *g, int max_batch, uint64_t seed) {
     g->backward_mark = kd_calloc((size_t)n, 1);
     free(last_fwd);
     free(last_grad_consumer);
-    free(read_in_bwd);
+    free(first_bwd_reader);
 
     /* 5. workspaces and parameter initialisation */
     for (int i = 0; i < n; i++) {

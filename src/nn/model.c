@@ -99,6 +99,7 @@ static kd_node *head(kd_graph *g, kd_model *m, kd_node *x, int n_classes) {
     kd_node *y = kd_dense(g, name, x, n_classes);
     tap(m, y, "logits");
     m->logits = y;
+    y->flags |= KD_F_KEEP; /* read by callers after backward (accuracy, distillation) */
     return y;
 }
 
