@@ -35,7 +35,7 @@ LDFLAGS += -fsanitize=address,undefined
 BUILD   := build-san
 endif
 
-LIB_SRC  := $(sort $(wildcard src/core/*.c src/ops/*.c src/nn/*.c src/optim/*.c src/data/*.c src/io/*.c src/train/*.c))
+LIB_SRC  := $(sort $(wildcard src/core/*.c src/ops/*.c src/nn/*.c src/distill/*.c src/optim/*.c src/data/*.c src/io/*.c src/train/*.c))
 CLI_SRC  := $(sort $(wildcard src/cli/*.c))
 TEST_SRC := $(sort $(wildcard tests/*.c))
 BENCH_SRC:= $(sort $(wildcard bench/*.c))

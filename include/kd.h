@@ -266,6 +266,17 @@ enum {
     KD_OP_MEAN,
     KD_OP_SUM,
     KD_OP_SCALE,
+    /* distillation losses (src/distill/), builders in kd_distill.h */
+    KD_OP_DIVERGENCE,
+    KD_OP_DKD,
+    KD_OP_DIST,
+    KD_OP_NKD,
+    KD_OP_STANDARDIZE,
+    KD_OP_MSE,
+    KD_OP_AT,
+    KD_OP_SP,
+    KD_OP_RKD,
+    KD_OP_PKT,
     KD_OP_COUNT
 };
 

@@ -15,6 +15,9 @@ typedef struct kd_dataset {
     uint8_t *labels; /* (n) */
     float mean, std; /* normalisation applied to pixel/255 */
     char name[64];   /* "fashion-mnist:train" */
+    int labeled;     /* > 0: only the first `labeled` examples keep their label;
+                      * the loader gives the others label -1 (ignored by the
+                      * cross-entropy, still seen by distillation terms) */
 } kd_dataset;
 
 /* Reads an IDX image file (magic 0x00000803) and an IDX label file

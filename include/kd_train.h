@@ -4,6 +4,7 @@
 #define KD_TRAIN_H
 #include "kd.h"
 #include "kd_data.h"
+#include "kd_losses.h"
 #include "kd_nn.h"
 #include "kd_optim.h"
 
@@ -45,7 +46,9 @@ kd_status kd_classifier_new(kd_classifier *c, const char *spec, const char *pref
                             int max_batch, float smoothing, uint64_t seed);
 void kd_classifier_free(kd_classifier *c);
 
-/* Accuracy and mean cross-entropy on ds in eval mode. */
+/* Accuracy and mean cross-entropy of the model's logits on ds, eval mode.
+ * Only the nodes up to the logits run (a teacher built after the student
+ * in the same graph is not evaluated). Labels < 0 are not counted. */
 kd_eval_result kd_evaluate(kd_classifier *c, const kd_dataset *ds, int batch);
 
 typedef struct kd_train_opts {
@@ -55,7 +58,8 @@ typedef struct kd_train_opts {
     int log_every;
     kd_optim_cfg opt;
     float warmup_epochs;
-    const char *role; /* "teacher", "baseline", ... in metrics */
+    const char *role;         /* "teacher", "baseline", ... in metrics */
+    kd_built_loss *terms;     /* distillation terms: epoch schedule and per-term logging, or NULL */
 } kd_train_opts;
 
 typedef struct kd_train_result {
@@ -70,6 +74,19 @@ typedef struct kd_train_result {
  * first node that went non-finite. */
 kd_status kd_train_classifier(kd_classifier *c, const kd_dataset *train, const kd_dataset *test,
                               const kd_train_opts *o, kd_log *log, kd_train_result *res);
+
+/* Teacher and student in one graph: x, y, the student (prefix "s."), the
+ * frozen teacher (prefix "t."), then the loss terms. c.m is the student and
+ * c.loss the weighted sum of the terms. */
+typedef struct kd_distiller {
+    kd_classifier c;
+    kd_model teacher;
+    kd_built_loss loss;
+} kd_distiller;
+
+kd_status kd_distiller_new(kd_distiller *d, const char *teacher_spec, const char *student_spec, const char *loss_spec,
+                           const kd_dataset *ds, int max_batch, uint64_t seed);
+void kd_distiller_free(kd_distiller *d);
 
 /* Name of the first node (in topological order) holding a NaN/Inf, or NULL. */
 const char *kd_graph_first_nonfinite(const kd_graph *g, int upto);

@@ -9,7 +9,8 @@ static void usage(FILE *f) {
             "usage: distill COMMAND [options]\n\n"
             "commands:\n"
             "  run CONFIG [--section.key=value ...]   train as a config says (teacher, students)\n"
-            "  eval CHECKPOINT --data SPEC             accuracy of a checkpoint on a dataset\n\n"
+            "  eval CHECKPOINT --data SPEC             accuracy of a checkpoint on a dataset\n"
+            "  loss \"SPEC\" --in X --out Y             a loss and its gradients on given tensors\n\n"
             "Every command takes --help. distill --version prints the version.\n",
             KD_VERSION);
 }
@@ -30,6 +31,7 @@ int main(int argc, char **argv) {
     }
     if (strcmp(c, "run") == 0) return cmd_run(argc - 2, argv + 2);
     if (strcmp(c, "eval") == 0) return cmd_eval(argc - 2, argv + 2);
+    if (strcmp(c, "loss") == 0) return cmd_loss(argc - 2, argv + 2);
     fprintf(stderr, "distill: unknown command '%s'\n\n", c);
     usage(stderr);
     return 2;

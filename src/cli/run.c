@@ -152,6 +152,138 @@ static int fail(kd_status st) {
     return st == KD_EUSAGE ? 2 : 1;
 }
 
+/* One row of the results table / one object of summary.json. */
+typedef struct stage {
+    const char *role;
+    char spec[256];
+    int64_t params;
+    kd_train_result tr;
+    int loaded, ran;
+} stage;
+
+static void stage_json(cJSON *root, const stage *s) {
+    if (!s->ran) return;
+    cJSON *t = cJSON_AddObjectToObject(root, s->role);
+    cJSON_AddStringToObject(t, "model", s->spec);
+    cJSON_AddNumberToObject(t, "test_acc", s->tr.test.acc);
+    cJSON_AddNumberToObject(t, "test_loss", s->tr.test.loss);
+    cJSON_AddNumberToObject(t, "params", (double)s->params);
+    cJSON_AddNumberToObject(t, "train_seconds", s->tr.train_seconds);
+    cJSON_AddNumberToObject(t, "samples_per_second", s->tr.samples_per_s);
+    if (!strcmp(s->role, "teacher")) cJSON_AddBoolToObject(t, "loaded", s->loaded);
+}
+
+static kd_status write_summary(const char *dir, const stage *st, int n, int threads, const char *loss) {
+    cJSON *root = cJSON_CreateObject();
+    for (int i = 0; i < n; i++) stage_json(root, &st[i]);
+    if (loss) cJSON_AddStringToObject(root, "loss", loss);
+    cJSON_AddNumberToObject(root, "threads", threads);
+    char *txt = cJSON_Print(root);
+    size_t L = strlen(txt);
+    char *withnl = kd_malloc(L + 2);
+    memcpy(withnl, txt, L);
+    withnl[L] = '\n';
+    withnl[L + 1] = '\0';
+    char path[4200];
+    snprintf(path, sizeof path, "%s/summary.json", dir);
+    kd_status s = write_atomic(path, withnl);
+    free(withnl);
+    cJSON_free(txt);
+    cJSON_Delete(root);
+    return s;
+}
+
+/* The teacher: load [teacher] checkpoint if it exists, else train it with the
+ * [train] recipe ([teacher] epochs/lr override) and save it there too. */
+static kd_status run_teacher(const kd_config *cfg, const kd_train_opts *base, const kd_dataset *train,
+                             const kd_dataset *test, kd_log *log, const char *dir, stage *out) {
+    const char *spec = kd_config_str(cfg, "teacher", "model"), *ckpt = kd_config_str(cfg, "teacher", "checkpoint");
+    float smoothing = (float)kd_config_float(cfg, "train", "smoothing");
+    kd_classifier t;
+    kd_status st = kd_classifier_new(&t, spec, "", train, base->batch, smoothing, base->seed);
+    if (st != KD_OK) return kd_error_prefix(st, "[teacher] model");
+    snprintf(out->spec, sizeof out->spec, "%s", spec);
+    out->params = kd_model_params(t.g, &t.m);
+    out->ran = 1;
+    if (!log->quiet) fprintf(stderr, "distill: teacher %s, %lld params\n", spec, (long long)out->params);
+    if (*ckpt && file_exists(ckpt)) {
+        st = kd_checkpoint_load(t.g, &t.m, ckpt);
+        if (st == KD_OK) {
+            out->loaded = 1;
+            out->tr.test = kd_evaluate(&t, test, base->batch);
+            if (!log->quiet)
+                fprintf(stderr, "distill: teacher loaded from %s: test acc %.2f%%\n", ckpt, 100.0 * out->tr.test.acc);
+        }
+    } else {
+        kd_train_opts o = *base;
+        o.role = "teacher";
+        if (kd_config_int(cfg, "teacher", "epochs") > 0) o.epochs = kd_config_int(cfg, "teacher", "epochs");
+        if (kd_config_float(cfg, "teacher", "lr") > 0) o.opt.lr = (float)kd_config_float(cfg, "teacher", "lr");
+        if (kd_config_int(cfg, "teacher", "crop") >= 0) o.crop = kd_config_int(cfg, "teacher", "crop");
+        if (kd_config_int(cfg, "teacher", "flip") >= 0) o.flip = kd_config_int(cfg, "teacher", "flip") != 0;
+        st = kd_train_classifier(&t, train, test, &o, log, &out->tr);
+    }
+    char path[4200];
+    snprintf(path, sizeof path, "%s/teacher.safetensors", dir);
+    if (st == KD_OK) st = kd_checkpoint_save(t.g, &t.m, train, path);
+    if (st == KD_OK && *ckpt && !out->loaded) st = kd_checkpoint_save(t.g, &t.m, train, ckpt);
+    kd_classifier_free(&t);
+    return st;
+}
+
+/* The student with cross-entropy alone, on the labelled examples only. */
+static kd_status run_baseline(const kd_config *cfg, const kd_train_opts *base, const kd_dataset *train,
+                              const kd_dataset *test, kd_log *log, const char *dir, stage *out) {
+    const char *spec = kd_config_str(cfg, "student", "model");
+    kd_dataset labeled = *train; /* a view: shares the buffers, never freed */
+    if (train->labeled > 0 && train->labeled < train->n) labeled.n = train->labeled;
+    labeled.labeled = 0;
+    kd_classifier c;
+    kd_status st = kd_classifier_new(&c, spec, "", &labeled, base->batch, (float)kd_config_float(cfg, "train", "smoothing"),
+                                     base->seed);
+    if (st != KD_OK) return kd_error_prefix(st, "[student] model");
+    snprintf(out->spec, sizeof out->spec, "%s", spec);
+    out->params = kd_model_params(c.g, &c.m);
+    out->ran = 1;
+    kd_train_opts o = *base;
+    o.role = "baseline";
+    if (kd_config_int(cfg, "distill", "baseline_epochs") > 0) o.epochs = kd_config_int(cfg, "distill", "baseline_epochs");
+    st = kd_train_classifier(&c, &labeled, test, &o, log, &out->tr);
+    char path[4200];
+    snprintf(path, sizeof path, "%s/baseline.safetensors", dir);
+    if (st == KD_OK) st = kd_checkpoint_save(c.g, &c.m, train, path);
+    kd_classifier_free(&c);
+    return st;
+}
+
+/* The distilled student: teacher (frozen, from the run's teacher.safetensors)
+ * and student in one graph, trained on the loss spec. */
+static kd_status run_student(const kd_config *cfg, const kd_train_opts *base, const kd_dataset *train,
+                             const kd_dataset *test, kd_log *log, const char *dir, stage *out) {
+    const char *sspec = kd_config_str(cfg, "student", "model"), *tspec = kd_config_str(cfg, "teacher", "model");
+    const char *loss = kd_config_str(cfg, "distill", "loss");
+    kd_distiller d;
+    kd_status st = kd_distiller_new(&d, tspec, sspec, loss, train, base->batch, base->seed);
+    if (st != KD_OK) return st;
+    char path[4200];
+    snprintf(path, sizeof path, "%s/teacher.safetensors", dir);
+    st = kd_checkpoint_load(d.c.g, &d.teacher, path);
+    snprintf(out->spec, sizeof out->spec, "%s", sspec);
+    out->params = kd_model_params(d.c.g, &d.c.m);
+    out->ran = 1;
+    if (st == KD_OK) {
+        if (!log->quiet) fprintf(stderr, "distill: student %s, loss %s\n", sspec, loss);
+        kd_train_opts o = *base;
+        o.role = "student";
+        o.terms = &d.loss;
+        st = kd_train_classifier(&d.c, train, test, &o, log, &out->tr);
+    }
+    snprintf(path, sizeof path, "%s/student.safetensors", dir);
+    if (st == KD_OK) st = kd_checkpoint_save(d.c.g, &d.c.m, train, path);
+    kd_distiller_free(&d);
+    return st;
+}
+
 int cmd_run(int argc, char **argv) {
     const char *pos[1], *extra[64];
     int npos, nextra, help;
@@ -169,18 +301,44 @@ int cmd_run(int argc, char **argv) {
     }
     kd_config *cfg = kd_config_new();
     kd_dataset train = {0}, test = {0};
-    kd_classifier teacher = {0};
     FILE *metrics = NULL;
     st = kd_config_load(cfg, pos[0]);
     for (int i = 0; i < nextra && st == KD_OK; i++) st = kd_config_override(cfg, extra[i]);
     int threads = 0;
     if (st == KD_OK) {
         threads = kd_config_int(cfg, "run", "threads");
-        if (cli_get(&run_cmd, "--threads")) st = cli_parse_int("--threads", cli_get(&run_cmd, "--threads"), 0, 1024, &threads);
-        else if (threads < 0) st = kd_config_error(cfg, "run", "threads", "must be >= 0");
+        if (cli_get(&run_cmd, "--threads"))
+            st = cli_parse_int("--threads", cli_get(&run_cmd, "--threads"), 0, 1024, &threads);
+        else if (threads < 0)
+            st = kd_config_error(cfg, "run", "threads", "must be >= 0");
     }
     kd_train_opts to;
     if (st == KD_OK) st = train_opts_from(cfg, &to);
+    float smoothing = 0.0f;
+    if (st == KD_OK) {
+        smoothing = (float)kd_config_float(cfg, "train", "smoothing");
+        if (smoothing < 0.0f || smoothing >= 1.0f) st = kd_config_error(cfg, "train", "smoothing", "must be in [0, 1)");
+    }
+    int labeled = 0;
+    if (st == KD_OK) {
+        labeled = kd_config_int(cfg, "data", "labeled");
+        if (labeled < 0) st = kd_config_error(cfg, "data", "labeled", "must be >= 0");
+    }
+    if (st == KD_OK && kd_config_int(cfg, "teacher", "epochs") < 0)
+        st = kd_config_error(cfg, "teacher", "epochs", "must be >= 0");
+    if (st == KD_OK && kd_config_float(cfg, "teacher", "lr") < 0) st = kd_config_error(cfg, "teacher", "lr", "must be >= 0");
+    if (st == KD_OK && (kd_config_int(cfg, "teacher", "crop") < -1 || kd_config_int(cfg, "teacher", "crop") > 16))
+        st = kd_config_error(cfg, "teacher", "crop", "must be -1 (as [data]) or in [0, 16]");
+    if (st == KD_OK && (kd_config_int(cfg, "teacher", "flip") < -1 || kd_config_int(cfg, "teacher", "flip") > 1))
+        st = kd_config_error(cfg, "teacher", "flip", "must be -1 (as [data]), 0 or 1");
+    if (st == KD_OK && kd_config_int(cfg, "distill", "baseline_epochs") < 0)
+        st = kd_config_error(cfg, "distill", "baseline_epochs", "must be >= 0");
+    const char *sspec = st == KD_OK ? kd_config_str(cfg, "student", "model") : "";
+    if (st == KD_OK && *sspec) { /* catch a bad loss spec before any training */
+        kd_loss_spec ls;
+        st = kd_loss_spec_parse(kd_config_str(cfg, "distill", "loss"), &ls);
+        if (st != KD_OK) st = kd_error_prefix(st, "[distill] loss");
+    }
     char name[256], dir[4096], path[4200];
     if (st == KD_OK) {
         const char *n = kd_config_str(cfg, "run", "name");
@@ -213,66 +371,32 @@ int cmd_run(int argc, char **argv) {
     metrics = fopen(path, "w");
     if (!metrics) st = kd_errorf(KD_EIO, "%s: cannot write: %s", path, strerror(errno));
     kd_log log = {.metrics = metrics, .quiet = quiet, .tty = isatty(2)};
-    float smoothing = (float)kd_config_float(cfg, "train", "smoothing");
-    if (st == KD_OK && (smoothing < 0.0f || smoothing >= 1.0f))
-        st = kd_config_error(cfg, "train", "smoothing", "must be in [0, 1)");
-    const char *spec = kd_config_str(cfg, "teacher", "model");
-    if (st == KD_OK) {
-        st = kd_classifier_new(&teacher, spec, "", &train, to.batch, smoothing, to.seed);
-        if (st != KD_OK) st = kd_error_prefix(st, "[teacher] model");
-    }
     if (!quiet && st == KD_OK)
-        fprintf(stderr, "distill: run '%s' -> %s (%d threads); train %d, test %d examples; teacher %s, %lld params\n",
-                name, dir, threads, train.n, test.n, spec, (long long)kd_model_params(teacher.g, &teacher.m));
-    kd_train_result tr = {0};
-    const char *ckpt = kd_config_str(cfg, "teacher", "checkpoint");
-    int loaded = 0;
-    if (st == KD_OK && *ckpt && file_exists(ckpt)) {
-        st = kd_checkpoint_load(teacher.g, &teacher.m, ckpt);
-        if (st == KD_OK) {
-            loaded = 1;
-            tr.test = kd_evaluate(&teacher, &test, to.batch);
-            if (!quiet) fprintf(stderr, "distill: teacher loaded from %s\n", ckpt);
+        fprintf(stderr, "distill: run '%s' -> %s (%d threads); train %d, test %d examples\n", name, dir, threads, train.n,
+                test.n);
+    stage stages[3] = {{.role = "teacher"}, {.role = "baseline"}, {.role = "student"}};
+    if (st == KD_OK) st = run_teacher(cfg, &to, &train, &test, &log, dir, &stages[0]);
+    if (st == KD_OK && *sspec) {
+        if (labeled > 0 && labeled < train.n) {
+            train.labeled = labeled;
+            if (!quiet)
+                fprintf(stderr, "distill: %d labelled examples; the other %d are an unlabelled transfer set\n", labeled,
+                        train.n - labeled);
         }
-    } else if (st == KD_OK) {
-        to.role = "teacher";
-        st = kd_train_classifier(&teacher, &train, &test, &to, &log, &tr);
+        if (kd_config_int(cfg, "distill", "baseline")) st = run_baseline(cfg, &to, &train, &test, &log, dir, &stages[1]);
+        if (st == KD_OK) st = run_student(cfg, &to, &train, &test, &log, dir, &stages[2]);
     }
+    if (st == KD_OK)
+        st = write_summary(dir, stages, 3, threads, *sspec ? kd_config_str(cfg, "distill", "loss") : NULL);
     if (st == KD_OK) {
-        snprintf(path, sizeof path, "%s/teacher.safetensors", dir);
-        st = kd_checkpoint_save(teacher.g, &teacher.m, &train, path);
-        if (st == KD_OK && *ckpt && !loaded) st = kd_checkpoint_save(teacher.g, &teacher.m, &train, ckpt);
-    }
-    if (st == KD_OK) {
-        cJSON *root = cJSON_CreateObject(), *t = cJSON_AddObjectToObject(root, "teacher");
-        cJSON_AddStringToObject(t, "model", spec);
-        cJSON_AddNumberToObject(t, "test_acc", tr.test.acc);
-        cJSON_AddNumberToObject(t, "test_loss", tr.test.loss);
-        cJSON_AddNumberToObject(t, "params", (double)kd_model_params(teacher.g, &teacher.m));
-        cJSON_AddNumberToObject(t, "train_seconds", tr.train_seconds);
-        cJSON_AddNumberToObject(t, "samples_per_second", tr.samples_per_s);
-        cJSON_AddBoolToObject(t, "loaded", loaded);
-        cJSON_AddNumberToObject(root, "threads", threads);
-        char *txt = cJSON_Print(root);
-        snprintf(path, sizeof path, "%s/summary.json", dir);
-        size_t L = strlen(txt);
-        char *withnl = kd_malloc(L + 2);
-        memcpy(withnl, txt, L);
-        withnl[L] = '\n';
-        withnl[L + 1] = '\0';
-        st = write_atomic(path, withnl);
-        free(withnl);
-        cJSON_free(txt);
-        cJSON_Delete(root);
-    }
-    if (st == KD_OK) {
-        printf("%-10s %-40s %10s %9s %10s\n", "model", "spec", "params", "test acc", "train s");
-        printf("%-10s %-40s %10lld %8.2f%% %10.1f\n", "teacher", spec,
-               (long long)kd_model_params(teacher.g, &teacher.m), 100.0 * tr.test.acc, tr.train_seconds);
+        printf("%-9s %-36s %10s %9s %9s\n", "model", "spec", "params", "test acc", "train s");
+        for (int i = 0; i < 3; i++)
+            if (stages[i].ran)
+                printf("%-9s %-36.36s %10lld %8.2f%% %9.1f\n", stages[i].role, stages[i].spec,
+                       (long long)stages[i].params, 100.0 * stages[i].tr.test.acc, stages[i].tr.train_seconds);
         if (!quiet) fprintf(stderr, "distill: wrote %s\n", dir);
     }
     if (metrics) fclose(metrics);
-    kd_classifier_free(&teacher);
     kd_dataset_free(&train);
     kd_dataset_free(&test);
     kd_config_free(cfg);

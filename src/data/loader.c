@@ -126,7 +126,7 @@ int kd_loader_next(kd_loader *ld, float *x, float *y, int *aug) {
     for (int b = 0; b < B; b++) {
         int idx = ld->perm[start + b];
         make_example(ld, idx, x + (size_t)b * per, aug ? aug + 4 * b : NULL);
-        y[b] = (float)ds->labels[idx];
+        y[b] = (ds->labeled > 0 && idx >= ds->labeled) ? -1.0f : (float)ds->labels[idx];
     }
     ld->pos++;
     return B;

@@ -37,8 +37,18 @@ static const entry schema[] = {
     {"data", "test_limit", T_INT, "0", "use only the first N test examples (0: all)"},
     {"data", "crop", T_INT, "0", "random crop after zero padding of this many pixels (0: off)"},
     {"data", "flip", T_BOOL, "0", "random horizontal flip"},
+    {"data", "labeled", T_INT, "0",
+     "only the first N training examples keep labels; the rest are an unlabelled transfer set (0: all labelled)"},
     {"teacher", "model", T_STR, "cnn: c32 c32 p c64 c64 p f256 d0.3", "teacher model spec (docs/models.md)"},
     {"teacher", "checkpoint", T_STR, "", "load the teacher from here if the file exists, else train and save it here"},
+    {"teacher", "epochs", T_INT, "0", "epochs when the teacher is trained here (0: [train] epochs)"},
+    {"teacher", "lr", T_FLOAT, "0", "learning rate when the teacher is trained here (0: [train] lr)"},
+    {"teacher", "crop", T_INT, "-1", "crop padding when the teacher is trained here (-1: [data] crop)"},
+    {"teacher", "flip", T_INT, "-1", "flip when the teacher is trained here (-1: [data] flip)"},
+    {"student", "model", T_STR, "", "student model spec; empty: train only the teacher"},
+    {"distill", "loss", T_STR, "ce(weight=0.1) + kd(T=4, weight=0.9)", "loss spec (docs/losses.md, distill loss --help)"},
+    {"distill", "baseline", T_BOOL, "1", "also train the student with cross-entropy alone, for comparison"},
+    {"distill", "baseline_epochs", T_INT, "0", "epochs of the baseline (0: [train] epochs)"},
     {"train", "epochs", T_INT, "15", "training epochs"},
     {"train", "batch", T_INT, "128", "batch size"},
     {"train", "optimizer", T_STR, "sgd", "sgd or adamw"},
@@ -140,7 +150,7 @@ kd_status kd_config_set(kd_config *c, const char *section, const char *key, cons
     char w[300];
     where(w, sizeof w, origin, line);
     if (!section_known(section))
-        return kd_errorf(KD_ECONFIG, "%s: unknown section [%s] (known: run, data, teacher, train)", w, section);
+        return kd_errorf(KD_ECONFIG, "%s: unknown section [%s] (known: run, data, teacher, student, distill, train)", w, section);
     int i = find(section, key);
     if (i < 0) return kd_errorf(KD_ECONFIG, "%s: unknown key '%s' in section [%s]", w, key, section);
     for (const char *q = value_text; *q; q++)
@@ -260,7 +270,7 @@ static kd_status check_sections(const char *text, const char *origin) {
                 memcpy(sec, p + 1, n);
                 sec[n] = '\0';
                 if (!section_known(sec))
-                    return kd_errorf(KD_ECONFIG, "%s:%d: unknown section [%s] (known: run, data, teacher, train)",
+                    return kd_errorf(KD_ECONFIG, "%s:%d: unknown section [%s] (known: run, data, teacher, student, distill, train)",
                                      origin, line, sec);
             }
         }

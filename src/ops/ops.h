@@ -9,6 +9,9 @@
 extern const kd_op_def kd_op_matmul, kd_op_conv2d, kd_op_maxpool, kd_op_avgpool, kd_op_gap, kd_op_batchnorm,
     kd_op_relu, kd_op_gelu, kd_op_dropout, kd_op_add, kd_op_concat, kd_op_reshape, kd_op_softmax,
     kd_op_log_softmax, kd_op_cross_entropy, kd_op_mean, kd_op_sum, kd_op_scale;
+/* distillation losses, defined in src/distill/ */
+extern const kd_op_def kd_op_divergence, kd_op_dkd, kd_op_dist, kd_op_nkd, kd_op_standardize, kd_op_mse, kd_op_at,
+    kd_op_sp, kd_op_rkd, kd_op_pkt;
 
 /* shape error naming the node and its inputs */
 kd_status kd_op_shape_error(const kd_node *n, const char *what);

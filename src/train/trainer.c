@@ -63,11 +63,18 @@ kd_eval_result kd_evaluate(kd_classifier *c, const kd_dataset *ds, int batch) {
     int K = c->m.logits->val.shape[1];
     while ((B = kd_loader_next(ld, c->x->val.data, c->y->val.data, NULL)) > 0) {
         kd_graph_set_batch(c->g, B);
-        kd_graph_forward_to(c->g, 0, c->loss);
-        loss += (double)c->loss->val.data[0] * B;
-        for (int i = 0; i < B; i++)
-            correct += argmax(c->m.logits->val.data + (size_t)i * K, K) == (int)c->y->val.data[i];
-        r.n += B;
+        kd_graph_forward_to(c->g, 0, c->m.logits);
+        for (int i = 0; i < B; i++) {
+            const float *z = c->m.logits->val.data + (size_t)i * K;
+            int y = (int)c->y->val.data[i];
+            if (y < 0) continue;
+            double m = z[0], s = 0.0;
+            for (int k = 1; k < K; k++) m = z[k] > m ? z[k] : m;
+            for (int k = 0; k < K; k++) s += exp((double)z[k] - m);
+            loss += m + log(s) - z[y];
+            correct += argmax(z, K) == y;
+            r.n++;
+        }
     }
     kd_loader_free(ld);
     r.acc = r.n ? (double)correct / r.n : 0.0;
@@ -122,6 +129,7 @@ kd_status kd_train_classifier(kd_classifier *c, const kd_dataset *train, const k
     int64_t step = 0, samples = 0;
     for (int epoch = 1; epoch <= o->epochs && st == KD_OK; epoch++) {
         kd_loader_start_epoch(ld, epoch - 1);
+        if (o->terms) kd_loss_set_epoch(o->terms, epoch);
         double eloss = 0.0, win = 0.0;
         int eseen = 0, wsteps = 0, B, bi = 0;
         while ((B = kd_loader_next(ld, c->x->val.data, c->y->val.data, NULL)) > 0) {
@@ -149,8 +157,13 @@ kd_status kd_train_classifier(kd_classifier *c, const kd_dataset *train, const k
             win += loss;
             wsteps++;
             if (log->metrics && o->log_every > 0 && step % o->log_every == 0) {
-                fprintf(log->metrics, "{\"role\":\"%s\",\"epoch\":%d,\"step\":%lld,\"loss\":%.6g,\"lr\":%.6g}\n",
-                        o->role, epoch, (long long)step, win / wsteps, (double)lr);
+                fprintf(log->metrics, "{\"role\":\"%s\",\"epoch\":%d,\"step\":%lld,\"loss\":%.6g,\"lr\":%.6g", o->role,
+                        epoch, (long long)step, win / wsteps, (double)lr);
+                if (o->terms) /* this step's unweighted terms */
+                    for (int i = 0; i < o->terms->n; i++)
+                        fprintf(log->metrics, ",\"%d.%s\":%.6g", i + 1, o->terms->terms[i].name,
+                                (double)o->terms->terms[i].value->val.data[0]);
+                fputs("}\n", log->metrics);
                 win = 0.0;
                 wsteps = 0;
             }

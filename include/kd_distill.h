@@ -1,0 +1,63 @@
+/* kd_distill.h - distillation loss ops and the teacher->student graph.
+ *
+ * Definitions follow ../shared/LOSSES.md (docs/losses/ has a page per
+ * loss). Conventions shared by every loss op:
+ *   - s is the student's tensor, t the teacher's; logits are (N, K).
+ *   - Logit losses are summed over K and averaged over the rows kept
+ *     ("batchmean"); `mask` (N) may be NULL (all rows kept) or hold 1/0 per
+ *     row (language models: padding).
+ *   - Logit losses give gradients to s only: the teacher side is treated as
+ *     detached (as `t.detach()` in the PyTorch references), also when it is
+ *     another trainable student (mutual learning).
+ *   - Feature/relation losses (mse, at, sp, rkd, pkt) give gradients to
+ *     both inputs when they need them (a trainable projector may sit on
+ *     either side).
+ *   - Every op outputs a scalar (1); weights are applied with kd_scale.
+ */
+#ifndef KD_DISTILL_H
+#define KD_DISTILL_H
+#include "kd.h"
+
+typedef enum kd_div_kind {
+    KD_DIV_FKL,  /* KL(p_t || p_s) */
+    KD_DIV_RKL,  /* KL(p_s || p_t) */
+    KD_DIV_JSD,  /* beta*KL(p_t||m) + (1-beta)*KL(p_s||m), m = beta*p_t + (1-beta)*p_s */
+    KD_DIV_TVD,  /* 1/2 sum |p_t - p_s| */
+    KD_DIV_SKL,  /* KL(p_t || alpha*p_t + (1-alpha)*p_s) */
+    KD_DIV_SRKL, /* KL(p_s || alpha*p_s + (1-alpha)*p_t) */
+} kd_div_kind;
+
+/* p = softmax(z / T) per row; the divergence, summed over K, averaged over
+ * kept rows, times `scale` (callers pass T*T for kd/fkl/rkl). `param` is
+ * beta for JSD, alpha for SKL/SRKL, unused otherwise.
+ * ip[0] kind; fp[0] T, fp[1] param, fp[2] scale. */
+kd_node *kd_divergence(kd_graph *g, kd_node *s, kd_node *t, kd_node *mask, kd_div_kind kind, float T, float param,
+                       float scale);
+/* Decoupled KD (Zhao et al. 2022) without the warm-up factor (apply it with
+ * a kd_scale node): T^2 * (alpha*KL(b_t||b_s) + beta*KL(q_t||q_s)), where b
+ * is the binary [p_y, 1-p_y] and q the softmax over non-target classes. */
+kd_node *kd_dkd(kd_graph *g, kd_node *s, kd_node *t, kd_node *labels, float alpha, float beta, float T);
+/* DIST (Huang et al. 2022): tau^2 * (beta*inter + gamma*intra) on softmax(z/tau) */
+kd_node *kd_dist(kd_graph *g, kd_node *s, kd_node *t, float beta, float gamma, float tau);
+/* Normalised KD (Yang et al. 2023) as in LOSSES.md */
+kd_node *kd_nkd(kd_graph *g, kd_node *s, kd_node *t, kd_node *labels, float T, float gamma);
+/* Row-wise z-score: (z - mean) / (std + 1e-7), std with Bessel's correction
+ * (logit standardisation, Sun et al. 2024). Not a loss: (N,K) -> (N,K),
+ * gradient to its input. */
+kd_node *kd_standardize(kd_graph *g, kd_node *z);
+/* mean over all elements of (a - b)^2 (mse_logits, FitNets) */
+kd_node *kd_mse(kd_graph *g, kd_node *a, kd_node *b);
+/* Attention transfer: a(f) = normalize_L2(mean_c |f_c|^p) over H*W per
+ * example; loss = mean over N*H*W of (a_s - a_t)^2. fs, ft (N,C,H,W) with
+ * the same N,H,W (channels may differ). */
+kd_node *kd_at(kd_graph *g, kd_node *fs, kd_node *ft, float p);
+/* Similarity-preserving: G = row-L2-normalised F F^T over the flattened
+ * (N, D) features; ||G_s - G_t||_F^2 / N^2 */
+kd_node *kd_sp(kd_graph *g, kd_node *fs, kd_node *ft);
+/* RKD: w_dist * distance loss + w_angle * angle loss (smooth L1, distances
+ * normalised by their mean), on flattened (N, D) features */
+kd_node *kd_rkd(kd_graph *g, kd_node *fs, kd_node *ft, float w_dist, float w_angle);
+/* PKT: cosine-similarity kernels mapped to [0,1], rows normalised, KL(t||s) */
+kd_node *kd_pkt(kd_graph *g, kd_node *fs, kd_node *ft);
+
+#endif
