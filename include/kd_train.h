@@ -56,6 +56,7 @@ typedef struct kd_train_opts {
     uint64_t seed;
     int crop, flip;
     int log_every;
+    int eval_every; /* epochs between evaluations (<= 1: every epoch); the last is always evaluated */
     kd_optim_cfg opt;
     float warmup_epochs;
     const char *role;         /* "teacher", "baseline", ... in metrics */

@@ -407,6 +407,7 @@ static const struct {
     {"train", "clip", "2.5"},
     {"train", "smoothing", "0.1"},
     {"train", "log_every", "9"},
+    {"train", "eval_every", "5"},
 };
 #define N_KEYS ((int)(sizeof all_keys / sizeof all_keys[0]))
 

@@ -74,6 +74,8 @@ static kd_status train_opts_from(const kd_config *c, kd_train_opts *o) {
     o->flip = kd_config_int(c, "data", "flip");
     o->log_every = kd_config_int(c, "train", "log_every");
     if (o->log_every < 0) return kd_config_error(c, "train", "log_every", "must be >= 0");
+    o->eval_every = kd_config_int(c, "train", "eval_every");
+    if (o->eval_every < 1) return kd_config_error(c, "train", "eval_every", "must be at least 1");
     kd_optim_cfg *oc = &o->opt;
     const char *opt = kd_config_str(c, "train", "optimizer");
     if (strcmp(opt, "sgd") == 0)

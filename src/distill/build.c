@@ -16,30 +16,11 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "kd_distill.h"
-#include "kd_losses.h"
-
-typedef struct ctx {
-    kd_graph *g;
-    const kd_loss_term *term;
-    const kd_loss_inputs *in;
-    int index; /* term number, 1-based, for projector names */
-    int warmup;
-} ctx;
-
-typedef kd_status (*build_fn)(ctx *c, kd_node **out);
-
-typedef struct loss_def {
-    const char *name;
-    const char *args; /* "key=default ..." (weight=1 is implied) */
-    const char *help;
-    build_fn build;
-    int teacher; /* reads the teacher */
-} loss_def;
+#include "distill/build.h"
 
 /* ---- arguments */
 
-static const char *find_default(const char *args, const char *key, char *buf, size_t n) {
+const char *kd_larg_default(const char *args, const char *key, char *buf, size_t n) {
     size_t kl = strlen(key);
     const char *p = args;
     while (p && *p) {
@@ -57,17 +38,17 @@ static const char *find_default(const char *args, const char *key, char *buf, si
     return NULL;
 }
 
-static const char *arg_str(ctx *c, const loss_def *d, const char *key) {
+const char *kd_larg_str(kd_lctx *c, const kd_loss_def *d, const char *key) {
     for (int i = 0; i < c->term->n_args; i++)
         if (strcmp(c->term->args[i].key, key) == 0) return c->term->args[i].value;
     static _Thread_local char buf[64];
-    const char *v = find_default(d->args, key, buf, sizeof buf);
+    const char *v = kd_larg_default(d->args, key, buf, sizeof buf);
     KD_ASSERT(v, "loss %s has no argument %s in its table row", d->name, key);
     return v;
 }
 
-static kd_status arg_float(ctx *c, const loss_def *d, const char *key, double lo, double hi, float *out) {
-    const char *v = arg_str(c, d, key);
+kd_status kd_larg_float(kd_lctx *c, const kd_loss_def *d, const char *key, double lo, double hi, float *out) {
+    const char *v = kd_larg_str(c, d, key);
     char *end;
     double x = strtod(v, &end);
     if (end == v || *end || !isfinite(x))
@@ -80,45 +61,45 @@ static kd_status arg_float(ctx *c, const loss_def *d, const char *key, double lo
 
 /* ---- helpers */
 
-static kd_node *maybe_standardize(ctx *c, const loss_def *d, kd_node *z, int *err) {
+static kd_node *maybe_standardize(kd_lctx *c, const kd_loss_def *d, kd_node *z, int *err) {
     float st;
-    if (arg_float(c, d, "standardize", 0, 1, &st) != KD_OK) {
+    if (kd_larg_float(c, d, "standardize", 0, 1, &st) != KD_OK) {
         *err = 1;
         return NULL;
     }
     return st != 0.0f ? kd_standardize(c->g, z) : z;
 }
 
-static kd_status need_labels(ctx *c) {
+kd_status kd_lneed_labels(kd_lctx *c) {
     if (!c->in->labels) return kd_errorf(KD_ECONFIG, "loss '%s' needs labels", c->term->name);
     return KD_OK;
 }
 
-static kd_status need_teacher(ctx *c) {
+kd_status kd_lneed_teacher(kd_lctx *c) {
     if (!c->in->t_logits) return kd_errorf(KD_ECONFIG, "loss '%s' needs a teacher", c->term->name);
     return KD_OK;
 }
 
-static const loss_def *def_of(const char *name);
+static const kd_loss_def *def_of(const char *name);
 
 /* ---- logit losses */
 
-static kd_status b_ce(ctx *c, kd_node **out) {
-    const loss_def *d = def_of("ce");
+static kd_status b_ce(kd_lctx *c, kd_node **out) {
+    const kd_loss_def *d = def_of("ce");
     float eps;
-    kd_status st = need_labels(c);
-    if (st == KD_OK) st = arg_float(c, d, "smoothing", 0, 0.999, &eps);
+    kd_status st = kd_lneed_labels(c);
+    if (st == KD_OK) st = kd_larg_float(c, d, "smoothing", 0, 0.999, &eps);
     if (st == KD_OK) *out = kd_cross_entropy(c->g, c->in->s_logits, c->in->labels, eps);
     return st;
 }
 
-static kd_status divergence(ctx *c, const char *name, kd_div_kind kind, const char *param_key, int t2,
+static kd_status divergence(kd_lctx *c, const char *name, kd_div_kind kind, const char *param_key, int t2,
                             kd_node **out) {
-    const loss_def *d = def_of(name);
+    const kd_loss_def *d = def_of(name);
     float T = 1.0f, p = 0.0f;
-    kd_status st = need_teacher(c);
-    if (st == KD_OK) st = arg_float(c, d, "T", 1e-3, 1e3, &T);
-    if (st == KD_OK && param_key) st = arg_float(c, d, param_key, 1e-6, 1 - 1e-6, &p);
+    kd_status st = kd_lneed_teacher(c);
+    if (st == KD_OK) st = kd_larg_float(c, d, "T", 1e-3, 1e3, &T);
+    if (st == KD_OK && param_key) st = kd_larg_float(c, d, param_key, 1e-6, 1 - 1e-6, &p);
     if (st != KD_OK) return st;
     kd_node *s = c->in->s_logits, *t = c->in->t_logits;
     if (strstr(d->args, "standardize")) {
@@ -132,7 +113,7 @@ static kd_status divergence(ctx *c, const char *name, kd_div_kind kind, const ch
 }
 
 #define DIV_BUILDER(fn, name, kind, param, t2) \
-    static kd_status fn(ctx *c, kd_node **out) { return divergence(c, name, kind, param, t2, out); }
+    static kd_status fn(kd_lctx *c, kd_node **out) { return divergence(c, name, kind, param, t2, out); }
 DIV_BUILDER(b_kd, "kd", KD_DIV_FKL, NULL, 1)
 DIV_BUILDER(b_fkl, "fkl", KD_DIV_FKL, NULL, 1)
 DIV_BUILDER(b_rkl, "rkl", KD_DIV_RKL, NULL, 1)
@@ -141,15 +122,15 @@ DIV_BUILDER(b_tvd, "tvd", KD_DIV_TVD, NULL, 0)
 DIV_BUILDER(b_skl, "skl", KD_DIV_SKL, "alpha", 0)
 DIV_BUILDER(b_srkl, "srkl", KD_DIV_SRKL, "alpha", 0)
 
-static kd_status b_dkd(ctx *c, kd_node **out) {
-    const loss_def *d = def_of("dkd");
+static kd_status b_dkd(kd_lctx *c, kd_node **out) {
+    const kd_loss_def *d = def_of("dkd");
     float a, b, T, w;
-    kd_status st = need_teacher(c);
-    if (st == KD_OK) st = need_labels(c);
-    if (st == KD_OK) st = arg_float(c, d, "alpha", 0, 1e4, &a);
-    if (st == KD_OK) st = arg_float(c, d, "beta", 0, 1e4, &b);
-    if (st == KD_OK) st = arg_float(c, d, "T", 1e-3, 1e3, &T);
-    if (st == KD_OK) st = arg_float(c, d, "warmup", 0, 1e6, &w);
+    kd_status st = kd_lneed_teacher(c);
+    if (st == KD_OK) st = kd_lneed_labels(c);
+    if (st == KD_OK) st = kd_larg_float(c, d, "alpha", 0, 1e4, &a);
+    if (st == KD_OK) st = kd_larg_float(c, d, "beta", 0, 1e4, &b);
+    if (st == KD_OK) st = kd_larg_float(c, d, "T", 1e-3, 1e3, &T);
+    if (st == KD_OK) st = kd_larg_float(c, d, "warmup", 0, 1e6, &w);
     if (st != KD_OK) return st;
     int err = 0;
     kd_node *s = maybe_standardize(c, d, c->in->s_logits, &err);
@@ -160,40 +141,40 @@ static kd_status b_dkd(ctx *c, kd_node **out) {
     return KD_OK;
 }
 
-static kd_status b_dist(ctx *c, kd_node **out) {
-    const loss_def *d = def_of("dist");
+static kd_status b_dist(kd_lctx *c, kd_node **out) {
+    const kd_loss_def *d = def_of("dist");
     float b, gm, tau;
-    kd_status st = need_teacher(c);
-    if (st == KD_OK) st = arg_float(c, d, "beta", 0, 1e4, &b);
-    if (st == KD_OK) st = arg_float(c, d, "gamma", 0, 1e4, &gm);
-    if (st == KD_OK) st = arg_float(c, d, "tau", 1e-3, 1e3, &tau);
+    kd_status st = kd_lneed_teacher(c);
+    if (st == KD_OK) st = kd_larg_float(c, d, "beta", 0, 1e4, &b);
+    if (st == KD_OK) st = kd_larg_float(c, d, "gamma", 0, 1e4, &gm);
+    if (st == KD_OK) st = kd_larg_float(c, d, "tau", 1e-3, 1e3, &tau);
     if (st == KD_OK) *out = kd_dist(c->g, c->in->s_logits, c->in->t_logits, b, gm, tau);
     return st;
 }
 
-static kd_status b_nkd(ctx *c, kd_node **out) {
-    const loss_def *d = def_of("nkd");
+static kd_status b_nkd(kd_lctx *c, kd_node **out) {
+    const kd_loss_def *d = def_of("nkd");
     float T, gm;
-    kd_status st = need_teacher(c);
-    if (st == KD_OK) st = need_labels(c);
-    if (st == KD_OK) st = arg_float(c, d, "T", 1e-3, 1e3, &T);
-    if (st == KD_OK) st = arg_float(c, d, "gamma", 0, 1e4, &gm);
+    kd_status st = kd_lneed_teacher(c);
+    if (st == KD_OK) st = kd_lneed_labels(c);
+    if (st == KD_OK) st = kd_larg_float(c, d, "T", 1e-3, 1e3, &T);
+    if (st == KD_OK) st = kd_larg_float(c, d, "gamma", 0, 1e4, &gm);
     if (st == KD_OK) *out = kd_nkd(c->g, c->in->s_logits, c->in->t_logits, c->in->labels, T, gm);
     return st;
 }
 
-static kd_status b_mse_logits(ctx *c, kd_node **out) {
-    kd_status st = need_teacher(c);
+static kd_status b_mse_logits(kd_lctx *c, kd_node **out) {
+    kd_status st = kd_lneed_teacher(c);
     if (st == KD_OK) *out = kd_mse(c->g, c->in->s_logits, c->in->t_logits);
     return st;
 }
 
 /* ---- feature losses: taps and projectors */
 
-static kd_status tap(ctx *c, const loss_def *d, const kd_model *m, const char *side, kd_node *fallback,
+kd_status kd_ltap(kd_lctx *c, const kd_loss_def *d, const kd_model *m, const char *side, kd_node *fallback,
                      kd_node **out) {
     char name[64];
-    snprintf(name, sizeof name, "%s", arg_str(c, d, side)); /* arg_str's buffer is reused */
+    snprintf(name, sizeof name, "%s", kd_larg_str(c, d, side)); /* arg_str's buffer is reused */
     if (!m) {
         if (!fallback)
             return kd_errorf(KD_ECONFIG, "loss '%s': no %s feature given (s_feat/t_feat)", c->term->name,
@@ -214,22 +195,22 @@ static kd_status tap(ctx *c, const loss_def *d, const kd_model *m, const char *s
     return KD_OK;
 }
 
-static int same_shape(const kd_node *a, const kd_node *b) {
+int kd_lsame_shape(const kd_node *a, const kd_node *b) {
     return a->val.ndim == b->val.ndim && memcmp(a->val.shape, b->val.shape, (size_t)a->val.ndim * sizeof(int)) == 0;
 }
 
-static kd_status project(ctx *c, const loss_def *d, kd_node *fs, kd_node *ft, kd_node **out) {
+kd_status kd_lproject(kd_lctx *c, const kd_loss_def *d, kd_node *fs, kd_node *ft, kd_node **out) {
     char projbuf[64];
-    snprintf(projbuf, sizeof projbuf, "%s", arg_str(c, d, "proj")); /* arg_str's buffer is reused */
+    snprintf(projbuf, sizeof projbuf, "%s", kd_larg_str(c, d, "proj")); /* arg_str's buffer is reused */
     const char *proj = projbuf;
     float bn = 0.0f;
-    kd_status st = arg_float(c, d, "bn", 0, 1, &bn);
+    kd_status st = kd_larg_float(c, d, "bn", 0, 1, &bn);
     if (st != KD_OK) return st;
     char shs[64], sht[64];
     kd_shape_str(fs->val.ndim, fs->val.shape, shs, sizeof shs);
     kd_shape_str(ft->val.ndim, ft->val.shape, sht, sizeof sht);
     if (strcmp(proj, "auto") == 0) {
-        if (same_shape(fs, ft))
+        if (kd_lsame_shape(fs, ft))
             proj = "none";
         else if (fs->val.ndim == 4 && ft->val.ndim == 4)
             proj = "conv1x1";
@@ -272,7 +253,7 @@ static kd_status project(ctx *c, const loss_def *d, kd_node *fs, kd_node *ft, kd
         snprintf(b, sizeof b, "%s.bn", p);
         y = kd_bn(c->g, b, y);
     }
-    if (!same_shape(y, ft)) {
+    if (!kd_lsame_shape(y, ft)) {
         char shy[64];
         kd_shape_str(y->val.ndim, y->val.shape, shy, sizeof shy);
         return kd_errorf(KD_ESHAPE, "loss '%s': student feature %s%s does not match the teacher's %s%s",
@@ -283,27 +264,27 @@ static kd_status project(ctx *c, const loss_def *d, kd_node *fs, kd_node *ft, kd
     return KD_OK;
 }
 
-static kd_status taps(ctx *c, const loss_def *d, kd_node **fs, kd_node **ft) {
-    kd_status st = tap(c, d, c->in->student, "s", c->in->s_feat, fs);
-    if (st == KD_OK) st = tap(c, d, c->in->teacher, "t", c->in->t_feat, ft);
+kd_status kd_ltaps(kd_lctx *c, const kd_loss_def *d, kd_node **fs, kd_node **ft) {
+    kd_status st = kd_ltap(c, d, c->in->student, "s", c->in->s_feat, fs);
+    if (st == KD_OK) st = kd_ltap(c, d, c->in->teacher, "t", c->in->t_feat, ft);
     return st;
 }
 
-static kd_status b_fitnet(ctx *c, kd_node **out) {
-    const loss_def *d = def_of("fitnet");
+static kd_status b_fitnet(kd_lctx *c, kd_node **out) {
+    const kd_loss_def *d = def_of("fitnet");
     kd_node *fs, *ft, *y;
-    kd_status st = taps(c, d, &fs, &ft);
-    if (st == KD_OK) st = project(c, d, fs, ft, &y);
+    kd_status st = kd_ltaps(c, d, &fs, &ft);
+    if (st == KD_OK) st = kd_lproject(c, d, fs, ft, &y);
     if (st == KD_OK) *out = kd_mse(c->g, y, ft);
     return st;
 }
 
-static kd_status b_at(ctx *c, kd_node **out) {
-    const loss_def *d = def_of("at");
+static kd_status b_at(kd_lctx *c, kd_node **out) {
+    const kd_loss_def *d = def_of("at");
     kd_node *fs, *ft;
     float p;
-    kd_status st = taps(c, d, &fs, &ft);
-    if (st == KD_OK) st = arg_float(c, d, "p", 0.5, 8, &p);
+    kd_status st = kd_ltaps(c, d, &fs, &ft);
+    if (st == KD_OK) st = kd_larg_float(c, d, "p", 0.5, 8, &p);
     if (st != KD_OK) return st;
     if (fs->val.ndim != 4 || ft->val.ndim != 4 || fs->val.shape[2] != ft->val.shape[2] ||
         fs->val.shape[3] != ft->val.shape[3])
@@ -312,32 +293,32 @@ static kd_status b_at(ctx *c, kd_node **out) {
     return KD_OK;
 }
 
-static kd_status b_sp(ctx *c, kd_node **out) {
+static kd_status b_sp(kd_lctx *c, kd_node **out) {
     kd_node *fs, *ft;
-    kd_status st = taps(c, def_of("sp"), &fs, &ft);
+    kd_status st = kd_ltaps(c, def_of("sp"), &fs, &ft);
     if (st == KD_OK) *out = kd_sp(c->g, fs, ft);
     return st;
 }
 
-static kd_status b_rkd(ctx *c, kd_node **out) {
-    const loss_def *d = def_of("rkd");
+static kd_status b_rkd(kd_lctx *c, kd_node **out) {
+    const kd_loss_def *d = def_of("rkd");
     kd_node *fs, *ft;
     float wd, wa;
-    kd_status st = taps(c, d, &fs, &ft);
-    if (st == KD_OK) st = arg_float(c, d, "dist", 0, 1e6, &wd);
-    if (st == KD_OK) st = arg_float(c, d, "angle", 0, 1e6, &wa);
+    kd_status st = kd_ltaps(c, d, &fs, &ft);
+    if (st == KD_OK) st = kd_larg_float(c, d, "dist", 0, 1e6, &wd);
+    if (st == KD_OK) st = kd_larg_float(c, d, "angle", 0, 1e6, &wa);
     if (st == KD_OK) *out = kd_rkd(c->g, fs, ft, wd, wa);
     return st;
 }
 
-static kd_status b_pkt(ctx *c, kd_node **out) {
+static kd_status b_pkt(kd_lctx *c, kd_node **out) {
     kd_node *fs, *ft;
-    kd_status st = taps(c, def_of("pkt"), &fs, &ft);
+    kd_status st = kd_ltaps(c, def_of("pkt"), &fs, &ft);
     if (st == KD_OK) *out = kd_pkt(c->g, fs, ft);
     return st;
 }
 
-static const loss_def defs[] = {
+const kd_loss_def kd_loss_defs_core[] = {
     {"ce", "smoothing=0", "cross-entropy with the labels (label smoothing as torch)", b_ce, 0},
     {"kd", "T=4 standardize=0", "T^2 KL(p_t || p_s) on softmax(z/T) (Hinton et al. 2015)", b_kd, 1},
     {"fkl", "T=1 standardize=0", "forward KL, T^2 KL(p_t || p_s)", b_fkl, 1},
@@ -355,18 +336,28 @@ static const loss_def defs[] = {
     {"sp", "s=feat t=feat", "similarity-preserving (Tung & Mori 2019)", b_sp, 1},
     {"rkd", "s=feat t=feat dist=25 angle=50", "relational KD, distance + angle (Park et al. 2019)", b_rkd, 1},
     {"pkt", "s=feat t=feat", "probabilistic knowledge transfer (Passalis & Tefas 2018)", b_pkt, 1},
+    {NULL, NULL, NULL, NULL, 0},
 };
-#define N_DEFS ((int)(sizeof defs / sizeof defs[0]))
 
-static const loss_def *def_of(const char *name) {
-    for (int i = 0; i < N_DEFS; i++)
-        if (strcmp(defs[i].name, name) == 0) return &defs[i];
+static const kd_loss_def *const tables[] = {kd_loss_defs_core, kd_loss_defs_feat2, kd_loss_defs_logit2};
+#define N_TABLES ((int)(sizeof tables / sizeof tables[0]))
+
+const kd_loss_def *kd_loss_def_find(const char *name) {
+    for (int t = 0; t < N_TABLES; t++)
+        for (const kd_loss_def *d = tables[t]; d->name; d++)
+            if (strcmp(d->name, name) == 0) return d;
     return NULL;
 }
 
-static int key_allowed(const loss_def *d, const char *key) {
+static const kd_loss_def *def_of(const char *name) {
+    const kd_loss_def *d = kd_loss_def_find(name);
+    KD_ASSERT(d, "loss %s missing from the tables", name);
+    return d;
+}
+
+static int key_allowed(const kd_loss_def *d, const char *key) {
     char buf[64];
-    return strcmp(key, "weight") == 0 || find_default(d->args, key, buf, sizeof buf) != NULL;
+    return strcmp(key, "weight") == 0 || kd_larg_default(d->args, key, buf, sizeof buf) != NULL;
 }
 
 kd_status kd_loss_build(kd_graph *g, const kd_loss_spec *spec, const kd_loss_inputs *in, kd_built_loss *out) {
@@ -374,18 +365,20 @@ kd_status kd_loss_build(kd_graph *g, const kd_loss_spec *spec, const kd_loss_inp
     kd_node *total = NULL;
     for (int i = 0; i < spec->n; i++) {
         const kd_loss_term *t = &spec->terms[i];
-        const loss_def *d = def_of(t->name);
+        const kd_loss_def *d = kd_loss_def_find(t->name);
         if (!d) {
-            char names[512];
+            char names[1024];
             size_t k = 0;
-            for (int j = 0; j < N_DEFS; j++) k += (size_t)snprintf(names + k, sizeof names - k, "%s%s", j ? ", " : "", defs[j].name);
+            for (int tb = 0; tb < N_TABLES; tb++)
+                for (const kd_loss_def *e = tables[tb]; e->name && k < sizeof names - 40; e++)
+                    k += (size_t)snprintf(names + k, sizeof names - k, "%s%s", k ? ", " : "", e->name);
             return kd_errorf(KD_ECONFIG, "unknown loss '%s' (known: %s)", t->name, names);
         }
         for (int j = 0; j < t->n_args; j++)
             if (!key_allowed(d, t->args[j].key))
                 return kd_errorf(KD_ECONFIG, "loss '%s' has no argument '%s' (it takes: %s%sweight)", t->name,
                                  t->args[j].key, d->args, *d->args ? " " : "");
-        ctx c = {.g = g, .term = t, .in = in, .index = i + 1};
+        kd_lctx c = {.g = g, .term = t, .in = in, .index = i + 1};
         float w = 1.0f;
         for (int j = 0; j < t->n_args; j++)
             if (strcmp(t->args[j].key, "weight") == 0) {
@@ -425,7 +418,8 @@ void kd_loss_set_epoch(kd_built_loss *l, double epoch) {
 }
 
 void kd_loss_print_help(FILE *f) {
-    for (int i = 0; i < N_DEFS; i++)
-        fprintf(f, "  %-11s %-44s %s\n", defs[i].name, *defs[i].args ? defs[i].args : "-", defs[i].help);
+    for (int t = 0; t < N_TABLES; t++)
+        for (const kd_loss_def *d = tables[t]; d->name; d++)
+            fprintf(f, "  %-11s %-44s %s\n", d->name, *d->args ? d->args : "-", d->help);
     fprintf(f, "  every term also takes weight=1; terms add: \"ce(weight=0.1) + kd(T=4, weight=0.9)\"\n");
 }

@@ -67,6 +67,7 @@ static const entry schema[] = {
     {"train", "clip", T_FLOAT, "0", "clip gradients to this global L2 norm (0: off)"},
     {"train", "smoothing", T_FLOAT, "0", "label smoothing of the cross-entropy"},
     {"train", "log_every", T_INT, "50", "steps between training-loss lines in metrics.jsonl"},
+    {"train", "eval_every", T_INT, "1", "epochs between test-set evaluations (the last epoch always)"},
 };
 #define N_SCHEMA ((int)(sizeof schema / sizeof schema[0]))
 

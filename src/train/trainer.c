@@ -174,9 +174,22 @@ kd_status kd_train_classifier(kd_classifier *c, const kd_dataset *train, const k
         }
         if (st != KD_OK) break;
         double train_time = kd_now() - t0;
+        res->final_loss = eseen ? eloss / eseen : 0.0;
+        if (o->eval_every > 1 && epoch % o->eval_every != 0 && epoch != o->epochs) {
+            if (log->metrics) {
+                fprintf(log->metrics, "{\"role\":\"%s\",\"epoch\":%d,\"step\":%lld,\"train_loss\":%.6g}\n", o->role,
+                        epoch, (long long)step, res->final_loss);
+                fflush(log->metrics);
+            }
+            if (!log->quiet) {
+                if (log->tty) fprintf(stderr, "\r\033[K");
+                fprintf(stderr, "%s epoch %d/%d: train loss %.4f (%.0f samples/s)\n", o->role, epoch, o->epochs,
+                        res->final_loss, samples / (train_time > 1e-9 ? train_time : 1e-9));
+            }
+            continue;
+        }
         kd_eval_result ev = kd_evaluate(c, test, o->batch);
         res->test = ev;
-        res->final_loss = eseen ? eloss / eseen : 0.0;
         if (log->metrics) {
             fprintf(log->metrics,
                     "{\"role\":\"%s\",\"epoch\":%d,\"step\":%lld,\"train_loss\":%.6g,\"test_loss\":%.6g,\"test_acc\":%.6g}\n",
