@@ -277,6 +277,11 @@ enum {
     KD_OP_SP,
     KD_OP_RKD,
     KD_OP_PKT,
+    /* logit2 (src/distill/logit2.c) */
+    KD_OP_MLKD,
+    KD_OP_FKL_TNODE,
+    KD_OP_GRAD_REVERSE,
+    KD_OP_SIGMOID_RANGE,
     KD_OP_COUNT
 };
 

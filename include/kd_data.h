@@ -40,6 +40,8 @@ typedef struct kd_loader_opts {
     int shuffle;  /* reshuffle every epoch from (seed, epoch) */
     int crop_pad; /* random crop after zero-padding this many pixels (0: off) */
     int flip;     /* random horizontal flip with p=0.5 */
+    int view_epochs; /* > 0: the augmented view of epoch e is that of epoch e % view_epochs
+                      * (a cache of teacher outputs holds that many views per example) */
 } kd_loader_opts;
 
 typedef struct kd_loader kd_loader;

@@ -60,4 +60,21 @@ kd_node *kd_rkd(kd_graph *g, kd_node *fs, kd_node *ft, float w_dist, float w_ang
 /* PKT: cosine-similarity kernels mapped to [0,1], rows normalised, KL(t||s) */
 kd_node *kd_pkt(kd_graph *g, kd_node *fs, kd_node *ft);
 
+/* logit2 (src/distill/logit2.c) */
+/* MLKD (Jin et al. 2023) at one temperature T, P = softmax(z/T) over the
+ * N kept rows: w_inst T^2 mean_n KL(q_n||p_n) + w_batch ||P_s P_s^T -
+ * P_t P_t^T||_F^2 / N + w_class ||P_s^T P_s - P_t^T P_t||_F^2 / K.
+ * The mlkd loss sums one node per temperature. mask (N) may be NULL. */
+kd_node *kd_mlkd(kd_graph *g, kd_node *s, kd_node *t, kd_node *mask, float T, float w_inst, float w_batch,
+                 float w_class);
+/* T^2 KL(p_t || p_s) on softmax(z/T), batchmean, with T a node: one value
+ * (1) or one per row (N), all > 0; gradients to s and to T (CTKD). */
+kd_node *kd_fkl_tnode(kd_graph *g, kd_node *s, kd_node *t, kd_node *T, kd_node *mask);
+/* Gradient reversal: forward identity, backward -lambda * upstream;
+ * lambda is fp[0] of the returned node, which a schedule may change. */
+kd_node *kd_grad_reverse(kd_graph *g, kd_node *x, float lambda);
+/* lo + (hi - lo) * sigmoid(x + offset), element-wise (a bounded learned
+ * temperature) */
+kd_node *kd_sigmoid_range(kd_graph *g, kd_node *x, float lo, float hi, float offset);
+
 #endif

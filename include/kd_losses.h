@@ -40,13 +40,19 @@ typedef struct kd_loss_inputs {
 } kd_loss_inputs;
 
 /* A built term: its weighted value node, for logging, and the scale node a
- * schedule may change (DKD warm-up). */
+ * schedule may change (DKD warm-up). A term may also carry its own
+ * per-epoch hook (CTKD's curriculum of the gradient-reversal factor): `sched`
+ * is called by kd_loss_set_epoch after the weight is set, and changes the op
+ * arguments of `sched_node` from `sched_arg`. */
 typedef struct kd_built_term {
     char name[32];
     float weight;
     int warmup_epochs; /* 0: none */
     kd_node *value;    /* unweighted loss */
     kd_node *scaled;   /* weight * value (a KD_OP_SCALE node) */
+    void (*sched)(struct kd_built_term *t, double epoch); /* NULL: none */
+    kd_node *sched_node;
+    float sched_arg[4];
 } kd_built_term;
 
 typedef struct kd_built_loss {
@@ -61,7 +67,8 @@ typedef struct kd_built_loss {
  * projector are KD_ECONFIG/KD_ESHAPE errors naming the term. */
 kd_status kd_loss_build(kd_graph *g, const kd_loss_spec *spec, const kd_loss_inputs *in, kd_built_loss *out);
 /* Sets each term's scale for the epoch (1-based, fractional allowed): DKD's
- * linear warm-up min(epoch/warmup, 1) times the term's weight. */
+ * linear warm-up min(epoch/warmup, 1) times the term's weight; then runs
+ * each term's own schedule hook, if any. */
 void kd_loss_set_epoch(kd_built_loss *l, double epoch);
 /* One line of help per loss: name, arguments with defaults, reference. */
 void kd_loss_print_help(FILE *f);

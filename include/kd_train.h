@@ -61,6 +61,11 @@ typedef struct kd_train_opts {
     float warmup_epochs;
     const char *role;         /* "teacher", "baseline", ... in metrics */
     kd_built_loss *terms;     /* distillation terms: epoch schedule and per-term logging, or NULL */
+    int view_epochs;          /* loader: augmented views repeat every N epochs (a teacher cache's views) */
+    /* called after each batch is loaded, before forward: aug holds {dx, dy,
+     * flip, index} per example (fills a cached teacher's logits) */
+    kd_status (*batch_hook)(void *ctx, int epoch, const int *aug, int B);
+    void *hook_ctx;
 } kd_train_opts;
 
 typedef struct kd_train_result {
@@ -82,11 +87,17 @@ kd_status kd_train_classifier(kd_classifier *c, const kd_dataset *train, const k
 typedef struct kd_distiller {
     kd_classifier c;
     kd_model teacher;
+    kd_node *t_logits; /* cached teacher: the input node holding its logits, else NULL */
+    const struct kd_cache *hook_cache; /* the cache filling t_logits (set by the caller) */
     kd_built_loss loss;
 } kd_distiller;
 
 kd_status kd_distiller_new(kd_distiller *d, const char *teacher_spec, const char *student_spec, const char *loss_spec,
                            const kd_dataset *ds, int max_batch, uint64_t seed);
+/* The same without a teacher sub-graph: d->t_logits is filled per batch
+ * (from a kd_cache). Feature losses are not available. */
+kd_status kd_distiller_new_cached(kd_distiller *d, const char *student_spec, const char *loss_spec, const kd_dataset *ds,
+                                  int max_batch, uint64_t seed);
 void kd_distiller_free(kd_distiller *d);
 
 /* Name of the first node (in topological order) holding a NaN/Inf, or NULL. */

@@ -381,6 +381,7 @@ static const struct {
     {"data", "labeled", "5000"},
     {"teacher", "model", "mlp: f128 d0.1 f64"},
     {"teacher", "checkpoint", "teach.safetensors"},
+    {"teacher", "cache", "t.cache"},
     {"teacher", "epochs", "3"},
     {"teacher", "lr", "0.1"},
     {"teacher", "crop", "2"},

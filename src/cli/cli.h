@@ -34,5 +34,6 @@ kd_status cli_parse_int(const char *opt, const char *s, int lo, int hi, int *out
 int cmd_run(int argc, char **argv);
 int cmd_eval(int argc, char **argv);
 int cmd_loss(int argc, char **argv);
+int cmd_cache(int argc, char **argv);
 
 #endif

@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include "cli/cli.h"
+#include "kd_cache.h"
 #include "kd_config.h"
 #include "kd_train.h"
 
@@ -258,32 +259,66 @@ static kd_status run_baseline(const kd_config *cfg, const kd_train_opts *base, c
     return st;
 }
 
+static kd_status fill_from_cache(void *ctx, int epoch, const int *aug, int B) {
+    kd_distiller *d = ctx;
+    return kd_cache_fill(d->hook_cache, epoch, aug, B, d->t_logits->val.data);
+}
+
 /* The distilled student: teacher (frozen, from the run's teacher.safetensors)
- * and student in one graph, trained on the loss spec. */
+ * and student in one graph, trained on the loss spec; or, with [teacher]
+ * cache, the student alone with the teacher's logits read from the cache. */
 static kd_status run_student(const kd_config *cfg, const kd_train_opts *base, const kd_dataset *train,
-                             const kd_dataset *test, kd_log *log, const char *dir, stage *out) {
+                             const kd_dataset *test, kd_log *log, const char *dir, const kd_cache *cache,
+                             stage *out) {
     const char *sspec = kd_config_str(cfg, "student", "model"), *tspec = kd_config_str(cfg, "teacher", "model");
     const char *loss = kd_config_str(cfg, "distill", "loss");
     kd_distiller d;
-    kd_status st = kd_distiller_new(&d, tspec, sspec, loss, train, base->batch, base->seed);
+    kd_status st = cache ? kd_distiller_new_cached(&d, sspec, loss, train, base->batch, base->seed)
+                         : kd_distiller_new(&d, tspec, sspec, loss, train, base->batch, base->seed);
     if (st != KD_OK) return st;
     char path[4200];
     snprintf(path, sizeof path, "%s/teacher.safetensors", dir);
-    st = kd_checkpoint_load(d.c.g, &d.teacher, path);
+    if (!cache) st = kd_checkpoint_load(d.c.g, &d.teacher, path);
     snprintf(out->spec, sizeof out->spec, "%s", sspec);
     out->params = kd_model_params(d.c.g, &d.c.m);
     out->ran = 1;
     if (st == KD_OK) {
-        if (!log->quiet) fprintf(stderr, "distill: student %s, loss %s\n", sspec, loss);
+        if (!log->quiet)
+            fprintf(stderr, "distill: student %s, loss %s%s%s\n", sspec, loss, cache ? ", teacher from cache " : "",
+                    cache ? cache->st.path : "");
         kd_train_opts o = *base;
         o.role = "student";
         o.terms = &d.loss;
+        if (cache) {
+            d.hook_cache = cache;
+            o.batch_hook = fill_from_cache;
+            o.hook_ctx = &d;
+            o.view_epochs = cache->views;
+        }
         st = kd_train_classifier(&d.c, train, test, &o, log, &out->tr);
     }
     snprintf(path, sizeof path, "%s/student.safetensors", dir);
     if (st == KD_OK) st = kd_checkpoint_save(d.c.g, &d.c.m, train, path);
     kd_distiller_free(&d);
     return st;
+}
+
+/* Checks that a cache fits the run: same examples and classes, and the
+ * augmentation it was built with. */
+static kd_status check_cache(const kd_config *cfg, const kd_cache *c, const kd_dataset *train, const kd_train_opts *o) {
+    if (c->n < train->n)
+        return kd_config_error(cfg, "teacher", "cache", "holds %d examples, the training set has %d", c->n, train->n);
+    if (c->K != train->n_classes)
+        return kd_config_error(cfg, "teacher", "cache", "holds %d classes, the data has %d", c->K, train->n_classes);
+    if (c->views == 0 && (o->crop || o->flip))
+        return kd_config_error(cfg, "teacher", "cache",
+                               "has no augmented views but [data] crop/flip are on: set crop = 0 and flip = 0, or build "
+                               "the cache with --views E --crop P --flip 1");
+    if (c->views > 0 && (c->crop != o->crop || c->flip != o->flip || c->seed != o->seed))
+        return kd_config_error(cfg, "teacher", "cache",
+                               "views were drawn with seed %llu, crop %d, flip %d; the run has seed %llu, crop %d, flip %d",
+                               (unsigned long long)c->seed, c->crop, c->flip, (unsigned long long)o->seed, o->crop, o->flip);
+    return KD_OK;
 }
 
 int cmd_run(int argc, char **argv) {
@@ -377,7 +412,17 @@ int cmd_run(int argc, char **argv) {
         fprintf(stderr, "distill: run '%s' -> %s (%d threads); train %d, test %d examples\n", name, dir, threads, train.n,
                 test.n);
     stage stages[3] = {{.role = "teacher"}, {.role = "baseline"}, {.role = "student"}};
-    if (st == KD_OK) st = run_teacher(cfg, &to, &train, &test, &log, dir, &stages[0]);
+    kd_cache cache = {0};
+    const char *cache_path = kd_config_str(cfg, "teacher", "cache");
+    int cached = *sspec && *cache_path;
+    if (st == KD_OK && cached) {
+        st = kd_cache_open(cache_path, &cache);
+        if (st == KD_OK) st = check_cache(cfg, &cache, &train, &to);
+    }
+    /* with a cache the teacher is only evaluated, from its checkpoint if there is one */
+    const char *tck = kd_config_str(cfg, "teacher", "checkpoint");
+    if (st == KD_OK && (!cached || (*tck && file_exists(tck))))
+        st = run_teacher(cfg, &to, &train, &test, &log, dir, &stages[0]);
     if (st == KD_OK && *sspec) {
         if (labeled > 0 && labeled < train.n) {
             train.labeled = labeled;
@@ -386,7 +431,7 @@ int cmd_run(int argc, char **argv) {
                         train.n - labeled);
         }
         if (kd_config_int(cfg, "distill", "baseline")) st = run_baseline(cfg, &to, &train, &test, &log, dir, &stages[1]);
-        if (st == KD_OK) st = run_student(cfg, &to, &train, &test, &log, dir, &stages[2]);
+        if (st == KD_OK) st = run_student(cfg, &to, &train, &test, &log, dir, cached ? &cache : NULL, &stages[2]);
     }
     if (st == KD_OK)
         st = write_summary(dir, stages, 3, threads, *sspec ? kd_config_str(cfg, "distill", "loss") : NULL);
@@ -399,6 +444,7 @@ int cmd_run(int argc, char **argv) {
         if (!quiet) fprintf(stderr, "distill: wrote %s\n", dir);
     }
     if (metrics) fclose(metrics);
+    kd_cache_close(&cache);
     kd_dataset_free(&train);
     kd_dataset_free(&test);
     kd_config_free(cfg);

@@ -79,8 +79,9 @@ static void make_example(const kd_loader *ld, int idx, float *out, int *aug4) {
     const kd_dataset *ds = ld->ds;
     int C = ds->c, H = ds->h, W = ds->w, p = ld->opts.crop_pad;
     kd_rng r;
+    int ve = ld->opts.view_epochs > 0 ? ld->epoch % ld->opts.view_epochs : ld->epoch;
     kd_rng_seed(&r, kd_hash64(ld->opts.seed ^ AUG_SALT) ^
-                        kd_hash64(((uint64_t)(uint32_t)ld->epoch << 32) | (uint64_t)(uint32_t)idx));
+                        kd_hash64(((uint64_t)(uint32_t)ve << 32) | (uint64_t)(uint32_t)idx));
     int dx = p, dy = p, flip = 0;
     if (p > 0) {
         dx = (int)kd_rng_below(&r, (uint32_t)(2 * p + 1));

@@ -177,8 +177,10 @@ kd_status kd_ltap(kd_lctx *c, const kd_loss_def *d, const kd_model *m, const cha
     snprintf(name, sizeof name, "%s", kd_larg_str(c, d, side)); /* arg_str's buffer is reused */
     if (!m) {
         if (!fallback)
-            return kd_errorf(KD_ECONFIG, "loss '%s': no %s feature given (s_feat/t_feat)", c->term->name,
-                             side[0] == 's' ? "student" : "teacher");
+            return kd_errorf(KD_ECONFIG,
+                             "loss '%s' needs %s features, and there are none here (a teacher cache holds logits "
+                             "only; distill loss reads s_feat/t_feat)",
+                             c->term->name, side[0] == 's' ? "student" : "teacher");
         *out = fallback;
         return KD_OK;
     }
@@ -396,6 +398,9 @@ kd_status kd_loss_build(kd_graph *g, const kd_loss_spec *spec, const kd_loss_inp
         snprintf(bt->name, sizeof bt->name, "%s", t->name);
         bt->weight = w;
         bt->warmup_epochs = c.warmup;
+        bt->sched = c.sched;
+        bt->sched_node = c.sched_node;
+        memcpy(bt->sched_arg, c.sched_arg, sizeof bt->sched_arg);
         bt->value = v;
         kd_node_set_name(v, "loss.%d.%s", i + 1, t->name);
         v->flags |= KD_F_KEEP; /* logged after backward */
@@ -414,6 +419,7 @@ void kd_loss_set_epoch(kd_built_loss *l, double epoch) {
         kd_built_term *t = &l->terms[i];
         double f = t->warmup_epochs > 0 ? fmin(epoch / t->warmup_epochs, 1.0) : 1.0;
         t->scaled->fp[0] = (float)(t->weight * f);
+        if (t->sched) t->sched(t, epoch);
     }
 }
 

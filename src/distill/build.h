@@ -18,6 +18,11 @@ typedef struct kd_lctx {
     const kd_loss_inputs *in;
     int index;  /* term number, 1-based, for parameter names ("proj2.weight") */
     int warmup; /* set by a builder whose weight ramps up over epochs */
+    /* set by a builder with a per-epoch schedule of its own (copied into
+     * its kd_built_term, see kd_losses.h) */
+    void (*sched)(kd_built_term *t, double epoch);
+    kd_node *sched_node;
+    float sched_arg[4];
 } kd_lctx;
 
 typedef struct kd_loss_def kd_loss_def;

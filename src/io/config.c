@@ -41,6 +41,7 @@ static const entry schema[] = {
      "only the first N training examples keep labels; the rest are an unlabelled transfer set (0: all labelled)"},
     {"teacher", "model", T_STR, "cnn: c32 c32 p c64 c64 p f256 d0.3", "teacher model spec (docs/models.md)"},
     {"teacher", "checkpoint", T_STR, "", "load the teacher from here if the file exists, else train and save it here"},
+    {"teacher", "cache", T_STR, "", "read the teacher's logits from this file (distill cache) instead of running it"},
     {"teacher", "epochs", T_INT, "0", "epochs when the teacher is trained here (0: [train] epochs)"},
     {"teacher", "lr", T_FLOAT, "0", "learning rate when the teacher is trained here (0: [train] lr)"},
     {"teacher", "crop", T_INT, "-1", "crop padding when the teacher is trained here (-1: [data] crop)"},

@@ -12,6 +12,8 @@ extern const kd_op_def kd_op_matmul, kd_op_conv2d, kd_op_maxpool, kd_op_avgpool,
 /* distillation losses, defined in src/distill/ */
 extern const kd_op_def kd_op_divergence, kd_op_dkd, kd_op_dist, kd_op_nkd, kd_op_standardize, kd_op_mse, kd_op_at,
     kd_op_sp, kd_op_rkd, kd_op_pkt;
+/* logit2 */
+extern const kd_op_def kd_op_mlkd, kd_op_fkl_tnode, kd_op_grad_reverse, kd_op_sigmoid_range;
 
 /* shape error naming the node and its inputs */
 kd_status kd_op_shape_error(const kd_node *n, const char *what);

@@ -36,4 +36,9 @@ const kd_op_def *const kd_ops[KD_OP_COUNT] = {
     [KD_OP_SP] = &kd_op_sp,
     [KD_OP_RKD] = &kd_op_rkd,
     [KD_OP_PKT] = &kd_op_pkt,
+    /* logit2 */
+    [KD_OP_MLKD] = &kd_op_mlkd,
+    [KD_OP_FKL_TNODE] = &kd_op_fkl_tnode,
+    [KD_OP_GRAD_REVERSE] = &kd_op_grad_reverse,
+    [KD_OP_SIGMOID_RANGE] = &kd_op_sigmoid_range,
 };

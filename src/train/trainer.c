@@ -9,6 +9,7 @@
  * resume (a later issue).
  */
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
@@ -116,8 +117,14 @@ kd_status kd_train_classifier(kd_classifier *c, const kd_dataset *train, const k
                               const kd_train_opts *o, kd_log *log, kd_train_result *res) {
     memset(res, 0, sizeof *res);
     KD_ASSERT(o->batch <= kd_graph_max_batch(c->g), "batch %d above the graph's %d", o->batch, kd_graph_max_batch(c->g));
-    kd_loader_opts lo = {.batch = o->batch, .seed = o->seed, .shuffle = 1, .crop_pad = o->crop, .flip = o->flip};
+    kd_loader_opts lo = {.batch = o->batch,
+                         .seed = o->seed,
+                         .shuffle = 1,
+                         .crop_pad = o->crop,
+                         .flip = o->flip,
+                         .view_epochs = o->view_epochs};
     kd_loader *ld = kd_loader_new(train, &lo);
+    int *aug = o->batch_hook ? kd_malloc((size_t)o->batch * 4 * sizeof(int)) : NULL;
     int spe = kd_loader_batches(ld);
     int64_t total = (int64_t)spe * o->epochs;
     kd_optim_cfg oc = o->opt;
@@ -132,7 +139,8 @@ kd_status kd_train_classifier(kd_classifier *c, const kd_dataset *train, const k
         if (o->terms) kd_loss_set_epoch(o->terms, epoch);
         double eloss = 0.0, win = 0.0;
         int eseen = 0, wsteps = 0, B, bi = 0;
-        while ((B = kd_loader_next(ld, c->x->val.data, c->y->val.data, NULL)) > 0) {
+        while ((B = kd_loader_next(ld, c->x->val.data, c->y->val.data, aug)) > 0) {
+            if (o->batch_hook && (st = o->batch_hook(o->hook_ctx, epoch - 1, aug, B)) != KD_OK) break;
             kd_graph_set_batch(c->g, B);
             kd_graph_set_step(c->g, (uint64_t)step);
             kd_graph_forward(c->g, 1);
@@ -207,5 +215,6 @@ kd_status kd_train_classifier(kd_classifier *c, const kd_dataset *train, const k
     res->samples_per_s = samples / (res->train_seconds > 1e-9 ? res->train_seconds : 1e-9);
     kd_optim_free(opt);
     kd_loader_free(ld);
+    free(aug);
     return st;
 }
