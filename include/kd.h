@@ -282,6 +282,13 @@ enum {
     KD_OP_FKL_TNODE,
     KD_OP_GRAD_REVERSE,
     KD_OP_SIGMOID_RANGE,
+    /* feature2 (src/distill/feature2.c) */
+    KD_OP_VID_NLL,
+    KD_OP_L2NORM,
+    KD_OP_CRD_INFONCE,
+    KD_OP_CRD_NCE,
+    KD_OP_BN_NOAFFINE,
+    KD_OP_LOGSUM,
     KD_OP_COUNT
 };
 

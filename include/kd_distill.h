@@ -77,4 +77,33 @@ kd_node *kd_grad_reverse(kd_graph *g, kd_node *x, float lambda);
  * temperature) */
 kd_node *kd_sigmoid_range(kd_graph *g, kd_node *x, float lo, float hi, float offset);
 
+/* feature2 (src/distill/feature2.c; docs/losses/feature2.md) */
+/* VID (Ahn et al. 2019), as RepDistiller's VIDLoss: var_c = softplus(alpha0
+ * + alpha_c) + eps, loss = mean over all elements of 0.5 ((mu - t)^2 / var_c
+ * + log var_c). mu, t (N, C, ...) same shape, alpha (C); gradients to all
+ * three. alpha0 is a constant offset (0 for the plain parametrisation). */
+kd_node *kd_vid_nll(kd_graph *g, kd_node *mu, kd_node *t, kd_node *alpha, float alpha0, float eps);
+/* Rows of x (N, ...) divided by their L2 norm (clamped at 1e-12). */
+kd_node *kd_l2norm(kd_graph *g, kd_node *x);
+/* Symmetric InfoNCE with in-batch negatives on embeddings (N, D):
+ * A = zs zt^T / T; mean_i CE(A_i., i) + mean_j CE(A_.j, j). */
+kd_node *kd_crd_infonce(kd_graph *g, kd_node *zs, kd_node *zt, float T);
+/* CRD's memory-bank NCE (Tian et al. 2020; RepDistiller's ContrastMemory +
+ * ContrastLoss): zs, zt (N, D) normalised embeddings, idx (N) dataset
+ * indices as floats; two n_data x D banks in the node's workspace, K
+ * uniform negatives per anchor, temperature T, momentum update of the rows
+ * idx after each training forward (visible from the next forward). The sum
+ * of the student-anchor and teacher-anchor losses; gradients to zs, zt. */
+kd_node *kd_crd_nce(kd_graph *g, kd_node *zs, kd_node *zt, kd_node *idx, int n_data, int K, float T, float momentum);
+/* After compile: bank `side` (0 student embeddings, 1 teacher) of a crd_nce
+ * node, n_data x D floats. Calling it before the first forward means the
+ * caller fills the bank (no random initialisation then). */
+float *kd_crd_bank(kd_node *n, int side);
+/* Batch norm without affine parameters or running statistics: per channel
+ * (dim 1) over all other dims, biased variance, always batch statistics. */
+kd_node *kd_bn_noaffine(kd_graph *g, kd_node *x, float eps);
+/* log(sum over all elements of |a - b|^alpha), alpha >= 1 (the LogSum
+ * distance of Miles & Mikolajczyk 2024); gradients to both. */
+kd_node *kd_logsum(kd_graph *g, kd_node *a, kd_node *b, float alpha);
+
 #endif

@@ -15,6 +15,10 @@ extern const kd_op_def kd_op_divergence, kd_op_dkd, kd_op_dist, kd_op_nkd, kd_op
 /* logit2 */
 extern const kd_op_def kd_op_mlkd, kd_op_fkl_tnode, kd_op_grad_reverse, kd_op_sigmoid_range;
 
+/* feature2 */
+extern const kd_op_def kd_op_vid_nll, kd_op_l2norm, kd_op_crd_infonce, kd_op_crd_nce, kd_op_bn_noaffine,
+    kd_op_logsum;
+
 /* shape error naming the node and its inputs */
 kd_status kd_op_shape_error(const kd_node *n, const char *what);
 

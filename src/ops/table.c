@@ -41,4 +41,11 @@ const kd_op_def *const kd_ops[KD_OP_COUNT] = {
     [KD_OP_FKL_TNODE] = &kd_op_fkl_tnode,
     [KD_OP_GRAD_REVERSE] = &kd_op_grad_reverse,
     [KD_OP_SIGMOID_RANGE] = &kd_op_sigmoid_range,
+    /* feature2 */
+    [KD_OP_VID_NLL] = &kd_op_vid_nll,
+    [KD_OP_L2NORM] = &kd_op_l2norm,
+    [KD_OP_CRD_INFONCE] = &kd_op_crd_infonce,
+    [KD_OP_CRD_NCE] = &kd_op_crd_nce,
+    [KD_OP_BN_NOAFFINE] = &kd_op_bn_noaffine,
+    [KD_OP_LOGSUM] = &kd_op_logsum,
 };
