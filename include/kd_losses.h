@@ -36,7 +36,9 @@ typedef struct kd_loss_inputs {
     kd_node *labels;              /* (N), floats; negative = unlabelled */
     kd_node *mask;                /* (N) or NULL */
     kd_node *s_feat, *t_feat;     /* for feature losses without models */
-    const char *s_prefix;         /* parameter prefix for projectors ("s.") */
+    const char *proj_prefix;      /* prefix of projector parameter names (NULL: none); a second
+                                   * loss built in the same graph (mutual learning) needs another */
+    int64_t n_data;               /* training-set size, for memory-bank losses (crd); 0: unknown */
 } kd_loss_inputs;
 
 /* A built term: its weighted value node, for logging, and the scale node a
@@ -60,6 +62,12 @@ typedef struct kd_built_loss {
     int n;
     kd_built_term terms[KD_MAX_TERMS];
     int uses_teacher; /* any term reads the teacher */
+    /* set only by simkd: the teacher's frozen classifier head applied to the
+     * projected student feature. SimKD predicts with these logits at
+     * inference (student backbone + projector + the teacher's head), not
+     * with the student's own head; NULL for every other loss. Kept alive
+     * after backward (KD_F_KEEP). */
+    kd_node *infer_logits;
 } kd_built_loss;
 
 /* Builds the spec's terms and their weighted sum. Unknown losses or

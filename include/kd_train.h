@@ -81,17 +81,37 @@ typedef struct kd_train_result {
 kd_status kd_train_classifier(kd_classifier *c, const kd_dataset *train, const kd_dataset *test,
                               const kd_train_opts *o, kd_log *log, kd_train_result *res);
 
-/* Teacher and student in one graph: x, y, the student (prefix "s."), the
- * frozen teacher (prefix "t."), then the loss terms. c.m is the student and
- * c.loss the weighted sum of the terms. */
+/* Teachers and students in one graph (src/distill/distiller.c): the
+ * student (prefix "s."), then frozen teachers ("t.", "t1.", ...; several
+ * form an ensemble of weighted-mean logits), or a cache-filled input
+ * "t.logits", or a trainable peer ("p.", deep mutual learning); then the
+ * loss terms. c.m is the student and c.loss the weighted sum of the terms. */
+#define KD_MAX_TEACHERS 8
+typedef struct kd_distill_setup {
+    const char *student, *loss;
+    int n_teachers; /* frozen teachers (exactly one of teachers, cached, peer) */
+    const char *teachers[KD_MAX_TEACHERS];
+    float weights[KD_MAX_TEACHERS]; /* ensemble weights (<= 0: 1), normalised */
+    int cached;                     /* teacher logits from a cache */
+    const char *peer;               /* deep mutual learning: the peer student's spec */
+} kd_distill_setup;
+
 typedef struct kd_distiller {
     kd_classifier c;
-    kd_model teacher;
+    kd_model teacher; /* the first teacher (feature losses tap it) */
+    kd_model teachers[KD_MAX_TEACHERS];
+    int n_teachers;
+    kd_model peer;
+    int has_peer;
+    kd_node *t_mix;    /* the logits the losses read as the teacher's */
     kd_node *t_logits; /* cached teacher: the input node holding its logits, else NULL */
     const struct kd_cache *hook_cache; /* the cache filling t_logits (set by the caller) */
     kd_built_loss loss;
 } kd_distiller;
 
+kd_status kd_distiller_build(kd_distiller *d, const kd_distill_setup *s, const kd_dataset *ds, int max_batch,
+                             uint64_t seed);
+/* One teacher. */
 kd_status kd_distiller_new(kd_distiller *d, const char *teacher_spec, const char *student_spec, const char *loss_spec,
                            const kd_dataset *ds, int max_batch, uint64_t seed);
 /* The same without a teacher sub-graph: d->t_logits is filled per batch

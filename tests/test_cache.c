@@ -138,6 +138,22 @@ void test_cache(void) {
         CHECK(sh("%s run %s --quiet --run.name=views3 --teacher.cache=%s/full.cache --data.flip=1 2> /dev/null", bin(), ini,
                  dir) == 1);
     }
+    TEST("assistant chain and born-again generations write every stage") {
+        CHECK(sh("%s run %s --quiet --threads 2 --run.name=chain --assistant.model=\"mlp: 30\" "
+                 "--distill.generations=2 --train.epochs=1 > /dev/null",
+                 bin(), ini) == 0);
+        const char *files[] = {"assistant", "student", "student_g2"};
+        for (int i = 0; i < 3; i++) {
+            snprintf(path, sizeof path, "%s/runs/chain/%s.safetensors", dir, files[i]);
+            FILE *g = fopen(path, "rb");
+            CHECK_MSG(g != NULL, "%s missing", path);
+            if (g) fclose(g);
+        }
+        snprintf(path, sizeof path, "%s/runs/chain/summary.json", dir);
+        char *j = slurp(path);
+        CHECK(j && strstr(j, "\"assistant\"") && strstr(j, "\"student_g2\"") && strstr(j, "\"teacher\""));
+        free(j);
+    }
     TEST("bad caches are refused, naming the file") {
         snprintf(path, sizeof path, "%s/err.txt", dir);
         /* a checkpoint is not a cache */

@@ -218,7 +218,56 @@ static void loss_command(void) {
     }
 }
 
+static void strategies(void) {
+    kd_dataset ds = tiny(40);
+    TEST("ensemble: the teachers' logits are averaged with normalised weights") {
+        kd_distill_setup s = {.student = "mlp: 6", .loss = "kd(T=2)", .n_teachers = 2,
+                              .teachers = {"mlp: 10", "cnn: c2 p f5"}, .weights = {1, 3}};
+        kd_distiller d;
+        CHECK_MSG(kd_distiller_build(&d, &s, &ds, 8, 1) == KD_OK, "%s", kd_error_message());
+        if (d.c.g) {
+            kd_rng r;
+            kd_rng_seed(&r, 3);
+            for (int i = 0; i < 8 * 64; i++) d.c.x->val.data[i] = kd_rng_normal(&r);
+            for (int i = 0; i < 8; i++) d.c.y->val.data[i] = (float)(i % 3);
+            kd_graph_forward(d.c.g, 1);
+            int bad = 0;
+            for (int i = 0; i < 8 * 3; i++) {
+                double want = 0.25 * d.teachers[0].logits->val.data[i] + 0.75 * d.teachers[1].logits->val.data[i];
+                bad += fabs(d.t_mix->val.data[i] - want) > 1e-5 * (1 + fabs(want));
+            }
+            CHECK_MSG(bad == 0, "%d mixed logits off", bad);
+            CHECK(kd_graph_find(d.c.g, "t1.conv1.weight") != NULL);
+            CHECK(kd_graph_find(d.c.g, "t1.conv1.weight")->grad.data == NULL);
+            kd_distiller_free(&d);
+        }
+    }
+    TEST("mutual learning: both students train, each taught by the other") {
+        kd_distill_setup s = {.student = "mlp: 6", .loss = "ce + kd(T=2)", .peer = "mlp: 7"};
+        kd_distiller d;
+        CHECK_MSG(kd_distiller_build(&d, &s, &ds, 8, 1) == KD_OK, "%s", kd_error_message());
+        if (d.c.g) {
+            CHECK(d.has_peer && d.loss.n == 4 && strcmp(d.loss.terms[3].name, "peer.kd") == 0);
+            kd_node *pw = kd_graph_find(d.c.g, "p.fc1.weight"), *sw = kd_graph_find(d.c.g, "s.fc1.weight");
+            CHECK(pw && sw && pw->grad.data && sw->grad.data);
+            kd_rng r;
+            kd_rng_seed(&r, 3);
+            for (int i = 0; i < 8 * 64; i++) d.c.x->val.data[i] = kd_rng_normal(&r);
+            for (int i = 0; i < 8; i++) d.c.y->val.data[i] = (float)(i % 3);
+            kd_graph_forward(d.c.g, 1);
+            kd_graph_backward(d.c.g, d.loss.total);
+            double gp = 0, gs = 0;
+            for (int i = 0; i < 64 * 7; i++) gp += fabs(pw->grad.data[i]);
+            for (int i = 0; i < 64 * 6; i++) gs += fabs(sw->grad.data[i]);
+            CHECK(gp > 0 && gs > 0);
+            kd_distiller_free(&d);
+        }
+    }
+    kd_dataset_free(&ds);
+}
+
 void test_distill(void) {
+    strategies();
     spec_parser();
     builder_errors();
     distiller_graph();

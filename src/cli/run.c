@@ -5,6 +5,7 @@
  */
 #include <cjson/cJSON.h>
 #include <errno.h>
+#include <math.h>
 #include <libgen.h>
 #include <stdlib.h>
 #include <string.h>
@@ -157,7 +158,7 @@ static int fail(kd_status st) {
 
 /* One row of the results table / one object of summary.json. */
 typedef struct stage {
-    const char *role;
+    char role[32];
     char spec[256];
     int64_t params;
     kd_train_result tr;
@@ -198,6 +199,8 @@ static kd_status write_summary(const char *dir, const stage *st, int n, int thre
 
 /* The teacher: load [teacher] checkpoint if it exists, else train it with the
  * [train] recipe ([teacher] epochs/lr override) and save it there too. */
+enum { GEN_PATHS = 2 };
+
 static kd_status run_teacher(const kd_config *cfg, const kd_train_opts *base, const kd_dataset *train,
                              const kd_dataset *test, kd_log *log, const char *dir, stage *out) {
     const char *spec = kd_config_str(cfg, "teacher", "model"), *ckpt = kd_config_str(cfg, "teacher", "checkpoint");
@@ -264,30 +267,27 @@ static kd_status fill_from_cache(void *ctx, int epoch, const int *aug, int B) {
     return kd_cache_fill(d->hook_cache, epoch, aug, B, d->t_logits->val.data);
 }
 
-/* The distilled student: teacher (frozen, from the run's teacher.safetensors)
- * and student in one graph, trained on the loss spec; or, with [teacher]
- * cache, the student alone with the teacher's logits read from the cache. */
-static kd_status run_student(const kd_config *cfg, const kd_train_opts *base, const kd_dataset *train,
-                             const kd_dataset *test, kd_log *log, const char *dir, const kd_cache *cache,
-                             stage *out) {
-    const char *sspec = kd_config_str(cfg, "student", "model"), *tspec = kd_config_str(cfg, "teacher", "model");
-    const char *loss = kd_config_str(cfg, "distill", "loss");
+/* One distillation stage: setup says what teaches (frozen teachers loaded
+ * from ckpts, a cache, or a trainable peer); the student (setup->student)
+ * is saved as DIR/OUT.safetensors, the peer (mutual learning) as
+ * DIR/peer.safetensors into peer_out. */
+static kd_status run_distill(const kd_distill_setup *setup, const char *const *ckpts, const kd_cache *cache,
+                             const kd_train_opts *base, const kd_dataset *train, const kd_dataset *test, kd_log *log,
+                             const char *dir, const char *role, const char *out_name, stage *out, stage *peer_out) {
     kd_distiller d;
-    kd_status st = cache ? kd_distiller_new_cached(&d, sspec, loss, train, base->batch, base->seed)
-                         : kd_distiller_new(&d, tspec, sspec, loss, train, base->batch, base->seed);
+    kd_status st = kd_distiller_build(&d, setup, train, base->batch, base->seed);
     if (st != KD_OK) return st;
-    char path[4200];
-    snprintf(path, sizeof path, "%s/teacher.safetensors", dir);
-    if (!cache) st = kd_checkpoint_load(d.c.g, &d.teacher, path);
-    snprintf(out->spec, sizeof out->spec, "%s", sspec);
+    for (int i = 0; i < d.n_teachers && st == KD_OK; i++) st = kd_checkpoint_load(d.c.g, &d.teachers[i], ckpts[i]);
+    snprintf(out->role, sizeof out->role, "%s", role);
+    snprintf(out->spec, sizeof out->spec, "%s", setup->student);
     out->params = kd_model_params(d.c.g, &d.c.m);
     out->ran = 1;
     if (st == KD_OK) {
         if (!log->quiet)
-            fprintf(stderr, "distill: student %s, loss %s%s%s\n", sspec, loss, cache ? ", teacher from cache " : "",
-                    cache ? cache->st.path : "");
+            fprintf(stderr, "distill: %s %s, loss %s, taught by %s\n", role, setup->student, setup->loss,
+                    cache ? cache->st.path : setup->peer ? "a peer (mutual learning)" : ckpts[0]);
         kd_train_opts o = *base;
-        o.role = "student";
+        o.role = out->role;
         o.terms = &d.loss;
         if (cache) {
             d.hook_cache = cache;
@@ -297,10 +297,125 @@ static kd_status run_student(const kd_config *cfg, const kd_train_opts *base, co
         }
         st = kd_train_classifier(&d.c, train, test, &o, log, &out->tr);
     }
-    snprintf(path, sizeof path, "%s/student.safetensors", dir);
+    char path[4200];
+    snprintf(path, sizeof path, "%s/%s.safetensors", dir, out_name);
     if (st == KD_OK) st = kd_checkpoint_save(d.c.g, &d.c.m, train, path);
+    if (st == KD_OK && d.has_peer && peer_out) {
+        /* evaluate and save the peer too: it is a second trained student */
+        kd_classifier pc = d.c;
+        pc.m = d.peer;
+        snprintf(peer_out->role, sizeof peer_out->role, "peer");
+        snprintf(peer_out->spec, sizeof peer_out->spec, "%s", setup->peer);
+        peer_out->params = kd_model_params(d.c.g, &d.peer);
+        peer_out->tr = out->tr;
+        peer_out->tr.test = kd_evaluate(&pc, test, base->batch);
+        peer_out->ran = 1;
+        snprintf(path, sizeof path, "%s/peer.safetensors", dir);
+        st = kd_checkpoint_save(d.c.g, &d.peer, train, path);
+    }
     kd_distiller_free(&d);
     return st;
+}
+
+/* Accuracy of an ensemble: the weighted mean of the teachers' logits. */
+static kd_status eval_ensemble(const kd_distill_setup *s, const char *const *ckpts, const kd_dataset *train,
+                               const kd_dataset *test, int batch, stage *out) {
+    kd_classifier c[KD_MAX_TEACHERS];
+    kd_status st = KD_OK;
+    int n = 0;
+    for (; n < s->n_teachers && st == KD_OK; n++) {
+        st = kd_classifier_new(&c[n], s->teachers[n], "", train, batch, 0.0f, 0);
+        if (st == KD_OK) {
+            st = kd_checkpoint_load(c[n].g, &c[n].m, ckpts[n]);
+            if (st != KD_OK) kd_classifier_free(&c[n]);
+        }
+        out->params += st == KD_OK ? kd_model_params(c[n].g, &c[n].m) : 0;
+    }
+    if (st != KD_OK) n--;
+    if (st == KD_OK) {
+        int K = test->n_classes, correct = 0, total = 0, B;
+        double wsum = 0, loss = 0;
+        for (int i = 0; i < n; i++) wsum += s->weights[i] > 0 ? s->weights[i] : 1.0;
+        float *mix = kd_malloc((size_t)batch * K * sizeof(float));
+        kd_loader_opts lo = {.batch = batch};
+        kd_loader *ld = kd_loader_new(test, &lo);
+        while ((B = kd_loader_next(ld, c[0].x->val.data, c[0].y->val.data, NULL)) > 0) {
+            memset(mix, 0, (size_t)B * K * sizeof(float));
+            for (int i = 0; i < n; i++) {
+                if (i) memcpy(c[i].x->val.data, c[0].x->val.data, (size_t)B * test->c * test->h * test->w * sizeof(float));
+                kd_graph_set_batch(c[i].g, B);
+                kd_graph_forward_to(c[i].g, 0, c[i].m.logits);
+                float w = (float)((s->weights[i] > 0 ? s->weights[i] : 1.0) / wsum);
+                for (int j = 0; j < B * K; j++) mix[j] += w * c[i].m.logits->val.data[j];
+            }
+            for (int b = 0; b < B; b++) {
+                const float *z = mix + (size_t)b * K;
+                int y = (int)c[0].y->val.data[b], best = 0;
+                double m = z[0], se = 0;
+                for (int k = 1; k < K; k++) {
+                    if (z[k] > z[best]) best = k;
+                    if (z[k] > m) m = z[k];
+                }
+                for (int k = 0; k < K; k++) se += exp((double)z[k] - m);
+                loss += m + log(se) - z[y];
+                correct += best == y;
+                total++;
+            }
+        }
+        kd_loader_free(ld);
+        free(mix);
+        out->tr.test.acc = total ? (double)correct / total : 0;
+        out->tr.test.loss = total ? loss / total : 0;
+        out->tr.test.n = total;
+    }
+    for (int i = 0; i < n; i++) kd_classifier_free(&c[i]);
+    snprintf(out->role, sizeof out->role, "teacher");
+    snprintf(out->spec, sizeof out->spec, "ensemble of %d", s->n_teachers);
+    out->loaded = 1;
+    out->ran = 1;
+    return st;
+}
+
+/* [teacher] ensemble: checkpoints and weights from space-separated lists;
+ * each checkpoint's metadata names its model. */
+static kd_status parse_ensemble(const kd_config *cfg, kd_distill_setup *s, char paths[][1024], char models[][256]) {
+    const char *list = kd_config_str(cfg, "teacher", "ensemble"), *wl = kd_config_str(cfg, "teacher", "ensemble_weights");
+    int n = 0;
+    for (const char *p = list; *p;) {
+        while (*p == ' ' || *p == '\t') p++;
+        if (!*p) break;
+        size_t L = strcspn(p, " \t");
+        if (n == KD_MAX_TEACHERS)
+            return kd_config_error(cfg, "teacher", "ensemble", "more than %d teachers", KD_MAX_TEACHERS);
+        if (L >= 1024) return kd_config_error(cfg, "teacher", "ensemble", "path too long");
+        memcpy(paths[n], p, L);
+        paths[n][L] = '\0';
+        kd_checkpoint_info info;
+        kd_status st = kd_checkpoint_info_read(paths[n], &info);
+        if (st != KD_OK) return kd_error_prefix(st, "[teacher] ensemble");
+        snprintf(models[n], 256, "%s", info.model);
+        s->teachers[n] = models[n];
+        n++;
+        p += L;
+    }
+    s->n_teachers = n;
+    int k = 0;
+    for (const char *p = wl; *p && k <= n;) {
+        char *end;
+        double w = strtod(p, &end);
+        if (end == p) {
+            if (*p == ' ' || *p == '\t') {
+                p++;
+                continue;
+            }
+            return kd_config_error(cfg, "teacher", "ensemble_weights", "not a list of numbers");
+        }
+        if (!(w > 0) || k == n) return kd_config_error(cfg, "teacher", "ensemble_weights", "needs %d positive numbers", n);
+        s->weights[k++] = (float)w;
+        p = end;
+    }
+    if (k && k != n) return kd_config_error(cfg, "teacher", "ensemble_weights", "needs %d numbers, one per teacher", n);
+    return KD_OK;
 }
 
 /* Checks that a cache fits the run: same examples and classes, and the
@@ -411,18 +526,44 @@ int cmd_run(int argc, char **argv) {
     if (!quiet && st == KD_OK)
         fprintf(stderr, "distill: run '%s' -> %s (%d threads); train %d, test %d examples\n", name, dir, threads, train.n,
                 test.n);
-    stage stages[3] = {{.role = "teacher"}, {.role = "baseline"}, {.role = "student"}};
+    enum { MAX_STAGES = 16 };
+    stage stages[MAX_STAGES];
+    memset(stages, 0, sizeof stages);
+    int ns = 0;
     kd_cache cache = {0};
     const char *cache_path = kd_config_str(cfg, "teacher", "cache");
-    int cached = *sspec && *cache_path;
+    int mutual = kd_config_int(cfg, "distill", "mutual"), gens = kd_config_int(cfg, "distill", "generations");
+    int ensemble = *kd_config_str(cfg, "teacher", "ensemble") != '\0';
+    const char *aspec = kd_config_str(cfg, "assistant", "model");
+    int cached = *sspec && *cache_path && !mutual;
+    if (st == KD_OK && (gens < 1 || gens > 10)) st = kd_config_error(cfg, "distill", "generations", "must be in [1, 10]");
+    if (st == KD_OK && cached && *aspec)
+        st = kd_config_error(cfg, "assistant", "model", "an assistant needs the teacher itself, not [teacher] cache");
     if (st == KD_OK && cached) {
         st = kd_cache_open(cache_path, &cache);
         if (st == KD_OK) st = check_cache(cfg, &cache, &train, &to);
     }
-    /* with a cache the teacher is only evaluated, from its checkpoint if there is one */
-    const char *tck = kd_config_str(cfg, "teacher", "checkpoint");
-    if (st == KD_OK && (!cached || (*tck && file_exists(tck))))
-        st = run_teacher(cfg, &to, &train, &test, &log, dir, &stages[0]);
+    /* who teaches the student: the teacher(s), read from these checkpoints */
+    kd_distill_setup tset = {.loss = kd_config_str(cfg, "distill", "loss")};
+    static char ens_paths[KD_MAX_TEACHERS][1024], ens_models[KD_MAX_TEACHERS][256];
+    const char *tckpts[KD_MAX_TEACHERS];
+    char tpath[4200];
+    snprintf(tpath, sizeof tpath, "%s/teacher.safetensors", dir);
+    if (st == KD_OK && ensemble && *sspec && !mutual) {
+        st = parse_ensemble(cfg, &tset, ens_paths, ens_models);
+        for (int i = 0; i < tset.n_teachers; i++) tckpts[i] = ens_paths[i];
+        if (st == KD_OK) st = eval_ensemble(&tset, tckpts, &train, &test, to.batch, &stages[ns++]);
+    } else if (st == KD_OK && !mutual) {
+        /* with a cache the teacher is only evaluated, from its checkpoint if there is one */
+        const char *tck = kd_config_str(cfg, "teacher", "checkpoint");
+        if (!cached || (*tck && file_exists(tck))) {
+            snprintf(stages[ns].role, sizeof stages[ns].role, "teacher");
+            st = run_teacher(cfg, &to, &train, &test, &log, dir, &stages[ns++]);
+        }
+        tset.n_teachers = 1;
+        tset.teachers[0] = kd_config_str(cfg, "teacher", "model");
+        tckpts[0] = tpath;
+    }
     if (st == KD_OK && *sspec) {
         if (labeled > 0 && labeled < train.n) {
             train.labeled = labeled;
@@ -430,16 +571,58 @@ int cmd_run(int argc, char **argv) {
                 fprintf(stderr, "distill: %d labelled examples; the other %d are an unlabelled transfer set\n", labeled,
                         train.n - labeled);
         }
-        if (kd_config_int(cfg, "distill", "baseline")) st = run_baseline(cfg, &to, &train, &test, &log, dir, &stages[1]);
-        if (st == KD_OK) st = run_student(cfg, &to, &train, &test, &log, dir, cached ? &cache : NULL, &stages[2]);
+        static char apath[4200], gpath[GEN_PATHS][4200];
+        if (st == KD_OK && *aspec && !mutual) { /* teacher -> assistant, then the assistant teaches */
+            kd_distill_setup as = tset;
+            as.student = aspec;
+            st = run_distill(&as, tckpts, NULL, &to, &train, &test, &log, dir, "assistant", "assistant", &stages[ns++], NULL);
+            snprintf(apath, sizeof apath, "%s/assistant.safetensors", dir);
+            tset.n_teachers = 1;
+            tset.teachers[0] = aspec;
+            tckpts[0] = apath;
+        }
+        if (st == KD_OK && kd_config_int(cfg, "distill", "baseline")) {
+            snprintf(stages[ns].role, sizeof stages[ns].role, "baseline");
+            st = run_baseline(cfg, &to, &train, &test, &log, dir, &stages[ns++]);
+        }
+        if (st == KD_OK) {
+            kd_distill_setup ss = tset;
+            ss.student = sspec;
+            const char *peer = kd_config_str(cfg, "distill", "peer");
+            if (mutual) {
+                memset(&ss, 0, sizeof ss);
+                ss.student = sspec;
+                ss.loss = tset.loss;
+                ss.peer = *peer ? peer : sspec;
+            }
+            if (cached) {
+                ss.n_teachers = 0;
+                ss.cached = 1;
+            }
+            int at = ns++;
+            st = run_distill(&ss, tckpts, cached ? &cache : NULL, &to, &train, &test, &log, dir, "student", "student",
+                             &stages[at], mutual ? &stages[ns++] : NULL);
+        }
+        /* born-again generations: each student teaches the next, same model */
+        for (int gen = 2; gen <= gens && st == KD_OK; gen++) {
+            kd_distill_setup gs = {.loss = tset.loss, .student = sspec, .n_teachers = 1, .teachers = {sspec}};
+            char role[32], name[32];
+            const char *prev[1] = {gpath[(gen - 2) % GEN_PATHS]};
+            if (gen == 2)
+                snprintf(gpath[0], sizeof gpath[0], "%s/student.safetensors", dir);
+            snprintf(role, sizeof role, "student_g%d", gen);
+            snprintf(name, sizeof name, "student_g%d", gen);
+            st = run_distill(&gs, prev, NULL, &to, &train, &test, &log, dir, role, name, &stages[ns++], NULL);
+            snprintf(gpath[(gen - 1) % GEN_PATHS], sizeof gpath[0], "%s/%s.safetensors", dir, name);
+        }
     }
     if (st == KD_OK)
-        st = write_summary(dir, stages, 3, threads, *sspec ? kd_config_str(cfg, "distill", "loss") : NULL);
+        st = write_summary(dir, stages, ns, threads, *sspec ? kd_config_str(cfg, "distill", "loss") : NULL);
     if (st == KD_OK) {
-        printf("%-9s %-36s %10s %9s %9s\n", "model", "spec", "params", "test acc", "train s");
-        for (int i = 0; i < 3; i++)
+        printf("%-11s %-34s %10s %9s %9s\n", "model", "spec", "params", "test acc", "train s");
+        for (int i = 0; i < ns; i++)
             if (stages[i].ran)
-                printf("%-9s %-36.36s %10lld %8.2f%% %9.1f\n", stages[i].role, stages[i].spec,
+                printf("%-11s %-34.34s %10lld %8.2f%% %9.1f\n", stages[i].role, stages[i].spec,
                        (long long)stages[i].params, 100.0 * stages[i].tr.test.acc, stages[i].tr.train_seconds);
         if (!quiet) fprintf(stderr, "distill: wrote %s\n", dir);
     }

@@ -220,7 +220,7 @@ kd_status kd_lproject(kd_lctx *c, const kd_loss_def *d, kd_node *fs, kd_node *ft
             proj = "linear";
     }
     char p[64];
-    snprintf(p, sizeof p, "proj%d", c->index);
+    snprintf(p, sizeof p, "%sproj%d", c->in->proj_prefix ? c->in->proj_prefix : "", c->index);
     kd_node *y = NULL;
     if (strcmp(proj, "none") == 0) {
         y = fs;
@@ -276,7 +276,7 @@ static kd_status b_fitnet(kd_lctx *c, kd_node **out) {
     const kd_loss_def *d = def_of("fitnet");
     kd_node *fs, *ft, *y;
     kd_status st = kd_ltaps(c, d, &fs, &ft);
-    if (st == KD_OK) st = kd_lproject(c, d, fs, ft, &y);
+    if (st == KD_OK) st = kd_lproject_ensemble(c, d, fs, ft, &y);
     if (st == KD_OK) *out = kd_mse(c->g, y, ft);
     return st;
 }
@@ -333,7 +333,7 @@ const kd_loss_def kd_loss_defs_core[] = {
     {"dist", "beta=1 gamma=1 tau=1", "DIST: inter/intra-class correlation (Huang et al. 2022)", b_dist, 1},
     {"nkd", "T=1 gamma=1.5", "normalised KD (Yang et al. 2023)", b_nkd, 1},
     {"mse_logits", "", "mean squared error between logits", b_mse_logits, 1},
-    {"fitnet", "s=feat t=feat proj=auto bn=0", "FitNets hint: MSE(P(f_s), f_t) (Romero et al. 2015)", b_fitnet, 1},
+    {"fitnet", "s=feat t=feat proj=auto bn=0 proj_ensemble=1", "FitNets hint: MSE(P(f_s), f_t) (Romero et al. 2015)", b_fitnet, 1},
     {"at", "s=block1 t=block1 p=2", "attention transfer (Zagoruyko & Komodakis 2017)", b_at, 1},
     {"sp", "s=feat t=feat", "similarity-preserving (Tung & Mori 2019)", b_sp, 1},
     {"rkd", "s=feat t=feat dist=25 angle=50", "relational KD, distance + angle (Park et al. 2019)", b_rkd, 1},
@@ -406,6 +406,7 @@ kd_status kd_loss_build(kd_graph *g, const kd_loss_spec *spec, const kd_loss_inp
         v->flags |= KD_F_KEEP; /* logged after backward */
         bt->scaled = kd_scale(g, v, w);
         out->uses_teacher |= d->teacher;
+        if (c.infer_logits) out->infer_logits = c.infer_logits;
         total = total ? kd_add(g, total, bt->scaled) : bt->scaled;
     }
     kd_node_set_name(total, "loss");

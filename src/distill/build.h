@@ -18,6 +18,7 @@ typedef struct kd_lctx {
     const kd_loss_inputs *in;
     int index;  /* term number, 1-based, for parameter names ("proj2.weight") */
     int warmup; /* set by a builder whose weight ramps up over epochs */
+    kd_node *infer_logits; /* set by simkd: copied to kd_built_loss.infer_logits */
     /* set by a builder with a per-epoch schedule of its own (copied into
      * its kd_built_term, see kd_losses.h) */
     void (*sched)(kd_built_term *t, double epoch);
@@ -58,5 +59,10 @@ kd_status kd_ltap(kd_lctx *c, const kd_loss_def *d, const kd_model *m, const cha
  * and bn= arguments; parameters are named "proj<index>..." */
 kd_status kd_lproject(kd_lctx *c, const kd_loss_def *d, kd_node *fs, kd_node *ft, kd_node **out);
 int kd_lsame_shape(const kd_node *a, const kd_node *b);
+/* kd_lproject M times (M = the row's proj_ensemble=, an integer in [1, 16])
+ * with independently initialised projectors, outputs averaged (Chen et al.
+ * 2022). M = 1 is kd_lproject itself; for M > 1 the parameters of member m
+ * are renamed "proj<index>e<m>..." (build_feat2.c). */
+kd_status kd_lproject_ensemble(kd_lctx *c, const kd_loss_def *d, kd_node *fs, kd_node *ft, kd_node **out);
 
 #endif

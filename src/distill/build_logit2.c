@@ -21,9 +21,12 @@
  * (outside the student's prefix: not in the student's checkpoint), reached
  * through a gradient reversal whose factor follows the cosine curriculum
  *   lambda(epoch) = lambda_max * (1 - cos(pi * min(epoch, curriculum) / curriculum)) / 2
- * (epoch 1-based as kd_loss_set_epoch gets it, as the authors' CosineDecay
- * at their 1-based epochs), so T ascends the loss while the student
- * descends it. theta0 = 1 when t0=auto (the authors' nn.Parameter(ones(1))
+ * (epoch 1-based as kd_loss_set_epoch gets it), so T ascends the loss while
+ * the student descends it. The authors' code reaches the same factor by
+ * another route: its reversal multiplies by lambda itself, and its
+ * CosineDecay runs lambda from 0 to -1 (decay_max 0, decay_min -1,
+ * decay_loops 10 in their CIFAR script, at 1-based epochs).
+ * theta0 = 1 when t0=auto (the authors' nn.Parameter(ones(1))
  * with t_start=1, t_end=20: T starts at 1 + 20 sigmoid(1) = 15.62), else
  * logit((t0 - tmin) / (tmax - tmin)). Loss: kd_fkl_tnode, T^2 KL(p_t||p_s).
  * The instance-wise (MLP) temperature of the paper is not built.

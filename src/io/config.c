@@ -42,14 +42,23 @@ static const entry schema[] = {
     {"teacher", "model", T_STR, "cnn: c32 c32 p c64 c64 p f256 d0.3", "teacher model spec (docs/models.md)"},
     {"teacher", "checkpoint", T_STR, "", "load the teacher from here if the file exists, else train and save it here"},
     {"teacher", "cache", T_STR, "", "read the teacher's logits from this file (distill cache) instead of running it"},
+    {"teacher", "ensemble", T_STR, "",
+     "several teacher checkpoints (space-separated) whose averaged logits teach; replaces model/checkpoint"},
+    {"teacher", "ensemble_weights", T_STR, "", "weights of the ensemble's teachers (space-separated; default equal)"},
     {"teacher", "epochs", T_INT, "0", "epochs when the teacher is trained here (0: [train] epochs)"},
     {"teacher", "lr", T_FLOAT, "0", "learning rate when the teacher is trained here (0: [train] lr)"},
     {"teacher", "crop", T_INT, "-1", "crop padding when the teacher is trained here (-1: [data] crop)"},
     {"teacher", "flip", T_INT, "-1", "flip when the teacher is trained here (-1: [data] flip)"},
     {"student", "model", T_STR, "", "student model spec; empty: train only the teacher"},
+    {"assistant", "model", T_STR, "",
+     "teacher-assistant chain: distil the teacher into this model first, then it teaches the student"},
     {"distill", "loss", T_STR, "ce(weight=0.1) + kd(T=4, weight=0.9)", "loss spec (docs/losses.md, distill loss --help)"},
     {"distill", "baseline", T_BOOL, "1", "also train the student with cross-entropy alone, for comparison"},
     {"distill", "baseline_epochs", T_INT, "0", "epochs of the baseline (0: [train] epochs)"},
+    {"distill", "generations", T_INT, "1",
+     "born-again: after the student, distil N-1 more generations, each taught by the previous one"},
+    {"distill", "mutual", T_BOOL, "0", "deep mutual learning: the student and a peer teach each other (no teacher)"},
+    {"distill", "peer", T_STR, "", "the peer's model spec for mutual learning (default: the student's)"},
     {"train", "epochs", T_INT, "15", "training epochs"},
     {"train", "batch", T_INT, "128", "batch size"},
     {"train", "optimizer", T_STR, "sgd", "sgd or adamw"},
@@ -152,7 +161,7 @@ kd_status kd_config_set(kd_config *c, const char *section, const char *key, cons
     char w[300];
     where(w, sizeof w, origin, line);
     if (!section_known(section))
-        return kd_errorf(KD_ECONFIG, "%s: unknown section [%s] (known: run, data, teacher, student, distill, train)", w, section);
+        return kd_errorf(KD_ECONFIG, "%s: unknown section [%s] (known: run, data, teacher, student, assistant, distill, train)", w, section);
     int i = find(section, key);
     if (i < 0) return kd_errorf(KD_ECONFIG, "%s: unknown key '%s' in section [%s]", w, key, section);
     for (const char *q = value_text; *q; q++)
@@ -272,7 +281,7 @@ static kd_status check_sections(const char *text, const char *origin) {
                 memcpy(sec, p + 1, n);
                 sec[n] = '\0';
                 if (!section_known(sec))
-                    return kd_errorf(KD_ECONFIG, "%s:%d: unknown section [%s] (known: run, data, teacher, student, distill, train)",
+                    return kd_errorf(KD_ECONFIG, "%s:%d: unknown section [%s] (known: run, data, teacher, student, assistant, distill, train)",
                                      origin, line, sec);
             }
         }
