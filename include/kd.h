@@ -202,6 +202,10 @@ void kd_graph_set_threads(kd_graph *g, int n);
 void kd_graph_forward(kd_graph *g, int training);
 /* Forward only up to and including node `upto` (NULL: all). */
 void kd_graph_forward_to(kd_graph *g, int training, kd_node *upto);
+/* Forward up to `upto` checking every value as it is produced; returns the
+ * first node (leaves included) holding a NaN or Inf, or NULL. For error
+ * reports: activations share memory, so they cannot be checked afterwards. */
+kd_node *kd_graph_forward_check(kd_graph *g, int training, kd_node *upto);
 /* Seeds d(loss)=1 and sweeps backward; parameter gradients (flat array) are
  * zeroed first. Memory is shared by liveness: after backward, only the values
  * of parameters, inputs, nodes flagged KD_F_KEEP and nodes nothing consumes

@@ -120,8 +120,7 @@ kd_status kd_distiller_new_cached(kd_distiller *d, const char *student_spec, con
                                   int max_batch, uint64_t seed);
 void kd_distiller_free(kd_distiller *d);
 
-/* Name of the first node (in topological order) holding a NaN/Inf, or NULL. */
-const char *kd_graph_first_nonfinite(const kd_graph *g, int upto);
+
 
 double kd_now(void); /* monotonic seconds */
 void kd_progress(kd_log *log, const char *role, int epoch, int epochs, int step, int steps, double loss,

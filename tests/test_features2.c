@@ -452,20 +452,20 @@ typedef struct nce_g {
     kd_node *s, *t, *idx, *l;
 } nce_g;
 
-static int nce_new(nce_g *q, int max_batch, int M, int D, int K, int threads) {
+static int nce_new(nce_g *q, int max_batch, int M, int D, int K, int threads, float mom) {
     q->g = kd_graph_new();
     kd_graph_set_threads(q->g, threads);
     q->s = param(q->g, "s", 2, (int[]){max_batch, D});
     q->t = param(q->g, "t", 2, (int[]){max_batch, D});
     q->idx = kd_input(q->g, "idx", 1, &max_batch);
-    q->l = kd_crd_nce(q->g, kd_l2norm(q->g, q->s), kd_l2norm(q->g, q->t), q->idx, M, K, 0.1f, 0.5f);
+    q->l = kd_crd_nce(q->g, kd_l2norm(q->g, q->s), kd_l2norm(q->g, q->t), q->idx, M, K, 0.1f, mom);
     return compile_ok(q->g, max_batch);
 }
 
 static void memory_bank(void) {
     TEST("crd_nce banks: U(-s, s) with s = 1/sqrt(D/3), the same for the same seed") {
         nce_g a, b;
-        if (nce_new(&a, 2, 30, 6, 5, 1) && nce_new(&b, 2, 30, 6, 5, 1)) {
+        if (nce_new(&a, 2, 30, 6, 5, 1, 0.5f) && nce_new(&b, 2, 30, 6, 5, 1, 0.5f)) {
             for (int i = 0; i < 2; i++) a.idx->val.data[i] = b.idx->val.data[i] = (float)i;
             fill(a.s, 1, 0), fill(a.t, 1, 0), fill(b.s, 1, 0), fill(b.t, 1, 0);
             kd_graph_forward(a.g, 0);
@@ -482,7 +482,7 @@ static void memory_bank(void) {
     TEST("crd_nce update: not during the training forward, applied at the next one, never by eval") {
         enum { M = 12, D = 4 };
         nce_g q;
-        if (nce_new(&q, 3, M, D, 7, 1)) {
+        if (nce_new(&q, 3, M, D, 7, 1, 0.75f)) {
             fill(q.s, 1, 0), fill(q.t, 1, 0);
             float idxv[3] = {2, 7, 11};
             memcpy(q.idx->val.data, idxv, sizeof idxv);
@@ -513,7 +513,7 @@ static void memory_bank(void) {
                     double n = 0, row[D];
                     for (int d = 0; d < D; d++) {
                         row[d] = slot < 0 ? before[side][r * D + d]
-                                          : 0.5 * before[side][r * D + d] + 0.5 * z[side][slot * D + d];
+                                          : 0.75 * before[side][r * D + d] + 0.25 * z[side][slot * D + d];
                         n += row[d] * row[d];
                     }
                     for (int d = 0; d < D; d++) {
@@ -533,7 +533,7 @@ static void memory_bank(void) {
     }
     TEST("crd_nce sampling: the same step gives the same loss, another step another") {
         nce_g q;
-        if (nce_new(&q, 4, 100, 5, 16, 1)) {
+        if (nce_new(&q, 4, 100, 5, 16, 1, 0.5f)) {
             fill(q.s, 1, 0), fill(q.t, 1, 0);
             for (int i = 0; i < 4; i++) q.idx->val.data[i] = (float)(10 * i + 3);
             kd_graph_set_step(q.g, 5);
@@ -603,8 +603,23 @@ typedef struct pair {
     kd_built_loss L;
 } pair;
 
-/* student and teacher on one input (B, 1, 6, 6), teacher frozen, then the spec */
-static kd_status pair_build(pair *p, const char *sspec, const char *tspec, const char *spec, int64_t n_data) {
+static kd_status pair_compile(pair *p) {
+    kd_status st = kd_graph_compile(p->g, 6, 11);
+    if (st == KD_OK) {
+        fill(p->x, 1, 0);
+        for (int i = 0; i < 6; i++) p->y->val.data[i] = (float)(i % 5);
+        kd_node *idx = kd_graph_find(p->g, "idx");
+        if (idx)
+            for (int i = 0; i < 6; i++) idx->val.data[i] = (float)(3 * i);
+    }
+    return st;
+}
+
+/* student and teacher on one input (B, 1, 6, 6), teacher frozen, then the
+ * spec; compiled unless the caller wants to flag nodes KD_F_KEEP first (the
+ * tests read intermediate values, which liveness would otherwise recycle) */
+static kd_status pair_build_ex(pair *p, const char *sspec, const char *tspec, const char *spec, int64_t n_data,
+                               int compile) {
     memset(p, 0, sizeof *p);
     p->g = kd_graph_new();
     p->x = kd_input(p->g, "x", 4, (int[]){6, 1, 6, 6});
@@ -622,15 +637,27 @@ static kd_status pair_build(pair *p, const char *sspec, const char *tspec, const
                          .labels = p->y,
                          .n_data = n_data};
     if (st == KD_OK) st = kd_loss_build(p->g, &ls, &in, &p->L);
-    if (st == KD_OK) st = kd_graph_compile(p->g, 6, 11);
-    if (st == KD_OK) {
-        fill(p->x, 1, 0);
-        for (int i = 0; i < 6; i++) p->y->val.data[i] = (float)(i % 5);
-        kd_node *idx = kd_graph_find(p->g, "idx");
-        if (idx)
-            for (int i = 0; i < 6; i++) idx->val.data[i] = (float)(3 * i);
-    }
+    if (st == KD_OK && compile) st = pair_compile(p);
     return st;
+}
+
+static kd_status pair_build(pair *p, const char *sspec, const char *tspec, const char *spec, int64_t n_data) {
+    return pair_build_ex(p, sspec, tspec, spec, n_data, 1);
+}
+
+/* build, keep the student's and teacher's features and the named nodes, compile */
+static kd_status pair_build_keep(pair *p, const char *sspec, const char *tspec, const char *spec,
+                                 const char *const *keep) {
+    kd_status st = pair_build_ex(p, sspec, tspec, spec, 0, 0);
+    if (st != KD_OK) return st;
+    p->s.feat->flags |= KD_F_KEEP;
+    p->t.feat->flags |= KD_F_KEEP;
+    for (; *keep; keep++) {
+        kd_node *n = kd_graph_find(p->g, *keep);
+        CHECK_MSG(n != NULL, "no node '%s'", *keep);
+        if (n) n->flags |= KD_F_KEEP;
+    }
+    return pair_compile(p);
 }
 
 static kd_node *find(pair *p, const char *name) {
@@ -656,7 +683,7 @@ static void naive_linear(double *y, const double *x, const float *w, const float
 static void rows_vid_crd(void) {
     pair p;
     TEST("vid on vectors: regressor 12 -> 20 -> 20 -> 20 without biases, variance starts at init_var") {
-        kd_status st = pair_build(&p, "mlp: 12", "mlp: 20", "vid(init_var=3)", 0);
+        kd_status st = pair_build_keep(&p, "mlp: 12", "mlp: 20", "vid(init_var=3)", (const char *[]){"proj1.4", NULL});
         CHECK_MSG(st == KD_OK, "%s", kd_error_message());
         if (st == KD_OK) {
             CHECK(shape_is(find(&p, "proj1.0.weight"), 2, (int[]){20, 12}));
@@ -726,7 +753,7 @@ static void rows_vid_crd(void) {
 static void rows_simkd_mm(void) {
     pair p;
     TEST("simkd: loss = MSE(P(f_s), f_t); infer_logits = the teacher's head on P(f_s)") {
-        kd_status st = pair_build(&p, "mlp: 12", "mlp: 20", "ce + simkd", 0);
+        kd_status st = pair_build_keep(&p, "mlp: 12", "mlp: 20", "ce + simkd", (const char *[]){"proj2.2", NULL});
         CHECK_MSG(st == KD_OK, "%s", kd_error_message());
         if (st == KD_OK) {
             kd_node *L = p.L.infer_logits, *y = find(&p, "proj2.2");
@@ -752,7 +779,7 @@ static void rows_simkd_mm(void) {
         kd_graph_free(p.g);
     }
     TEST("mm(proj_ensemble=3): three projectors averaged, BN, log-sum (naive recomputation)") {
-        kd_status st = pair_build(&p, "mlp: 12", "mlp: 20", "mm(proj_ensemble=3)", 0);
+        kd_status st = pair_build_keep(&p, "mlp: 12", "mlp: 20", "mm(proj_ensemble=3)", (const char *[]){NULL});
         CHECK_MSG(st == KD_OK, "%s", kd_error_message());
         if (st == KD_OK) {
             CHECK(kd_graph_find(p.g, "proj1.weight") == NULL);
@@ -792,7 +819,7 @@ static void rows_simkd_mm(void) {
         kd_graph_free(p.g);
     }
     TEST("fitnet(proj_ensemble=2): MSE of the averaged projections") {
-        kd_status st = pair_build(&p, "mlp: 12", "mlp: 20", "fitnet(proj_ensemble=2)", 0);
+        kd_status st = pair_build_keep(&p, "mlp: 12", "mlp: 20", "fitnet(proj_ensemble=2)", (const char *[]){NULL});
         CHECK_MSG(st == KD_OK, "%s", kd_error_message());
         if (st == KD_OK) {
             kd_node *w0 = find(&p, "proj1e0.weight"), *w1 = find(&p, "proj1e1.weight");

@@ -152,8 +152,8 @@ static void test_gradcheck(void) {
                     float T = ti ? 3.0f : 1.0f;
                     lspec L = {L_MLKD, {T, W[w][0], W[w][1], W[w][2]}, 0};
                     double err = gc_case(&L, shapes[c][0], shapes[c][1], shapes[c][2], NULL, wrt_s_then_T, 1);
-                    CHECK_MSG(err < GC_TOL, "mlkd w=(%g,%g,%g) T=%g shape %dx%d: gradient error %.3g", W[w][0],
-                              W[w][1], W[w][2], T, shapes[c][0], shapes[c][1], err);
+                    CHECK_MSG(err < GC_TOL, "mlkd w=(%g,%g,%g) T=%g shape %dx%d: gradient error %.3g", W[w][0], W[w][1],
+                              W[w][2], T, shapes[c][0], shapes[c][1], err);
                     if (verbose()) fprintf(stderr, "  gc mlkd w%d c%d T%g %.3g\n", w, c, T, err);
                 }
     }
@@ -264,8 +264,8 @@ static void test_reference(void) {
                 lg_fill(&G, s, t, shapes[c][2], NULL);
                 lg_run(&G);
                 double want = ref_mlkd(s, t, G.mask ? G.mask->val.data : NULL, R, K, 2.5, 0.7f, 1.3f, 2.1f);
-                CHECK_MSG(fabs(G.loss->val.data[0] - want) <= 1e-6 * fabs(want), "case %d: %.9g vs reference %.9g",
-                          c, (double)G.loss->val.data[0], want);
+                CHECK_MSG(fabs(G.loss->val.data[0] - want) <= 1e-6 * fabs(want), "case %d: %.9g vs reference %.9g", c,
+                          (double)G.loss->val.data[0], want);
             }
             kd_graph_free(G.g);
         }
@@ -326,12 +326,13 @@ static void fx_mlkd(const kd_safetensors *st, const char *c) {
     kd_graph *g = kd_graph_new();
     kd_node *sn = kd_param(g, "s", 2, sh, KD_INIT_ZERO, 1), *tn = kd_input(g, "t", 2, sh);
     kd_node *mn = has_mask ? kd_input(g, "mask", 1, rows) : NULL, *a = sn, *b = tn, *loss = NULL;
-    if (stdz != 0.0f) {
+    if (stdz != 0.0f) { /* the instance level only, as the loss row builds it */
         a = kd_standardize(g, sn);
         b = kd_standardize(g, tn);
     }
     for (int i = 0; i < nT[0]; i++) {
-        kd_node *l = kd_mlkd(g, a, b, mn, temps[i], w[0], w[1], w[2]);
+        kd_node *l =
+            kd_add(g, kd_mlkd(g, a, b, mn, temps[i], w[0], 0, 0), kd_mlkd(g, sn, tn, mn, temps[i], 0, w[1], w[2]));
         loss = loss ? kd_add(g, loss, l) : l;
     }
     if (kd_graph_compile(g, R, 1) == KD_OK) {
@@ -365,8 +366,9 @@ static void fx_ctkd(const kd_safetensors *st, const char *c, int chain) {
     snprintf(key, sizeof key, "%s.mask", c);
     int has_mask = kd_st_find(st, key) != NULL;
     float s[256], t[256], mask[256], T[256], args[4], x, want_loss, want_s[256], want_T[256];
-    int ok = fx_get(st, c, "s", s, 2, sh) && fx_get(st, c, "t", t, 2, sh) && fx_get(st, c, "loss", &want_loss, 1, one) &&
-             fx_get(st, c, "grad_s", want_s, 2, sh) && (!has_mask || fx_get(st, c, "mask", mask, 1, rows));
+    int ok = fx_get(st, c, "s", s, 2, sh) && fx_get(st, c, "t", t, 2, sh) &&
+             fx_get(st, c, "loss", &want_loss, 1, one) && fx_get(st, c, "grad_s", want_s, 2, sh) &&
+             (!has_mask || fx_get(st, c, "mask", mask, 1, rows));
     if (chain)
         ok = ok && fx_get(st, c, "x", &x, 1, one) && fx_get(st, c, "args", args, 1, four) &&
              fx_get(st, c, "grad_x", want_T, 1, one);
@@ -550,7 +552,9 @@ static void test_closed_forms(void) {
             kd_node *sn = kd_param(g, "s", 2, sh, KD_INIT_ZERO, 1), *tn = kd_input(g, "t", 2, sh);
             kd_node *Tn = kd_param(g, "T", 1, one, KD_INIT_ONE, 1);
             kd_node *loss = kd_add(g, kd_mlkd(g, sn, tn, NULL, 2.0f, 1, 1, 1), kd_fkl_tnode(g, sn, tn, Tn, NULL));
-            if (twice) loss = kd_add(g, loss, kd_add(g, kd_mlkd(g, sn, tn, NULL, 2.0f, 1, 1, 1), kd_fkl_tnode(g, sn, tn, Tn, NULL)));
+            if (twice)
+                loss = kd_add(g, loss,
+                              kd_add(g, kd_mlkd(g, sn, tn, NULL, 2.0f, 1, 1, 1), kd_fkl_tnode(g, sn, tn, Tn, NULL)));
             if (kd_graph_compile(g, R, 1) == KD_OK) {
                 memcpy(sn->val.data, s, sizeof s);
                 memcpy(tn->val.data, t, sizeof t);
@@ -669,12 +673,14 @@ static void test_builders(void) {
             }
             /* the same sum built directly, in the same graph */
             kd_node *a = B.s, *b = B.t, *sum = NULL;
-            if (w[c][3] != 0.0f) {
+            if (w[c][3] != 0.0f) { /* standardize: the instance level only */
                 a = kd_standardize(B.g, a);
                 b = kd_standardize(B.g, b);
             }
             for (int i = 0; i < nt[c]; i++) {
-                kd_node *l = kd_mlkd(B.g, a, b, NULL, temps[c][i], w[c][0], w[c][1], w[c][2]);
+                kd_node *l = w[c][3] != 0.0f ? kd_add(B.g, kd_mlkd(B.g, a, b, NULL, temps[c][i], w[c][0], 0, 0),
+                                                      kd_mlkd(B.g, B.s, B.t, NULL, temps[c][i], 0, w[c][1], w[c][2]))
+                                             : kd_mlkd(B.g, a, b, NULL, temps[c][i], w[c][0], w[c][1], w[c][2]);
                 sum = sum ? kd_add(B.g, sum, l) : l;
             }
             sum->flags |= KD_F_KEEP;
@@ -694,10 +700,24 @@ static void test_builders(void) {
     }
     TEST("builder errors name the problem (KD_ECONFIG)") {
         const char *bad[] = {
-            "mlkd(temps=6-2)", "mlkd(temps=0-3)", "mlkd(temps=abc)", "mlkd(temps=2-)", "mlkd(temps=2__3)",
-            "mlkd(temps=1-20)", "mlkd(temps=1_2_3_4_5_6_7_8_9_10_11_12_13_14_15_16_17)", "mlkd(temps=2_x)",
-            "mlkd(standardize=2)", "mlkd(class=-1)", "mlkd(tau=3)", "ctkd(tmin=5, tmax=5)", "ctkd(t0=0.5)",
-            "ctkd(t0=21)", "ctkd(t0=abc)", "ctkd(lambda_max=-1)", "ctkd(curriculum=-1)", "ctkd(T=4)",
+            "mlkd(temps=6-2)",
+            "mlkd(temps=0-3)",
+            "mlkd(temps=abc)",
+            "mlkd(temps=2-)",
+            "mlkd(temps=2__3)",
+            "mlkd(temps=1-20)",
+            "mlkd(temps=1_2_3_4_5_6_7_8_9_10_11_12_13_14_15_16_17)",
+            "mlkd(temps=2_x)",
+            "mlkd(standardize=2)",
+            "mlkd(class=-1)",
+            "mlkd(tau=3)",
+            "ctkd(tmin=5, tmax=5)",
+            "ctkd(t0=0.5)",
+            "ctkd(t0=21)",
+            "ctkd(t0=abc)",
+            "ctkd(lambda_max=-1)",
+            "ctkd(curriculum=-1)",
+            "ctkd(T=4)",
         };
         for (int i = 0; i < (int)(sizeof bad / sizeof bad[0]); i++) {
             bgraph B;

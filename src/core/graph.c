@@ -465,6 +465,25 @@ void kd_graph_forward_to(kd_graph *g, int training, kd_node *upto) {
 
 void kd_graph_forward(kd_graph *g, int training) { kd_graph_forward_to(g, training, NULL); }
 
+kd_node *kd_graph_forward_check(kd_graph *g, int training, kd_node *upto) {
+    KD_ASSERT(g->compiled, "forward before compile");
+    kd_ctx c;
+    ctx_of(g, &c, training);
+    int last = upto ? upto->id : g->n - 1;
+    for (int i = 0; i <= last; i++) {
+        kd_node *v = g->nodes[i];
+        if (v->op != KD_OP_LEAF) {
+            c.training = training && !(v->flags & KD_F_FROZEN);
+            kd_ops[v->op]->forward(v, &c);
+        }
+        if (!v->val.data) continue;
+        int64_t k = kd_numel(&v->val);
+        for (int64_t j = 0; j < k; j++)
+            if (!isfinite(v->val.data[j])) return v;
+    }
+    return NULL;
+}
+
 /* memset on all threads: large gradients are megabytes */
 static void zero(float *p, int64_t n) {
     const int64_t chunk = 1 << 16;

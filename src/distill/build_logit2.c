@@ -4,17 +4,20 @@
  * mlkd(temps, instance, batch, class, standardize): one kd_mlkd node per
  * temperature, summed. `temps` is a range "lo-hi" (lo, lo+1, ... up to hi;
  * the default 2-6 is the paper's {2,3,4,5,6}), a list "2_4_8.5" ('_'
- * separates, since ',' separates arguments) or one number. Left out of the
- * paper's recipe, deliberately:
+ * separates, since ',' separates arguments) or one number. standardize=1
+ * standardises the logits of the instance level only (the KL terms): the
+ * batch and class Grams stay on the raw logits, as in the MLKD of Sun et
+ * al.'s logit-standardisation code (its kd_loss takes logit_stand, its
+ * bc_loss and cc_loss do not). Left out of the paper's recipe, deliberately:
  *   - the strong-augmentation branch (the student and teacher also see a
  *     strongly augmented view, and its losses are added): a data-pipeline
  *     choice, not a loss; a distiller that feeds such a view can add a
  *     second term;
  *   - the confidence masks (rows, and classes, at or below the median of
  *     the teacher's confidence). In the authors' code each level's loss is
- *     reduced to a scalar before it is multiplied by the 0/1 mask and
- *     averaged, so the mask only scales the term by the kept fraction
- *     (about 1/2); `weight` covers that.
+ *     reduced to a scalar (reduce=True) before it is multiplied by the 0/1
+ *     mask and averaged, so the mask only scales the term by the kept
+ *     fraction (a little over 1/2); `weight` covers that.
  *
  * ctkd(tmin, tmax, t0, lambda_max, curriculum): T = tmin + (tmax - tmin) *
  * sigmoid(theta0 + x), x a zero-initialised parameter "ctkd<term>.temperature"
@@ -55,9 +58,12 @@ static kd_status parse_temps(kd_lctx *c, const char *v, float *temps, int *n) {
     if (!bad && *end == '-') {
         p = end + 1;
         double b = strtod(p, &end);
-        if (end == p || *end) bad = "a range is lo-hi with numbers lo <= hi";
-        else if (!(b >= a)) bad = "a range needs lo <= hi";
-        else if ((b - a) + 1 > MLKD_MAX_TEMPS) bad = "too many temperatures";
+        if (end == p || *end)
+            bad = "a range is lo-hi with numbers lo <= hi";
+        else if (!(b >= a))
+            bad = "a range needs lo <= hi";
+        else if ((b - a) + 1 > MLKD_MAX_TEMPS)
+            bad = "too many temperatures";
         for (double x = a; !bad && x <= b + 1e-9; x += 1.0) temps[(*n)++] = (float)x;
     } else {
         while (!bad) {
@@ -99,14 +105,19 @@ static kd_status b_mlkd(kd_lctx *c, kd_node **out) {
     if (rc == KD_OK) rc = kd_larg_float(c, d, "class", 0, 1e4, &wc);
     if (rc == KD_OK) rc = kd_larg_float(c, d, "standardize", 0, 1, &st);
     if (rc != KD_OK) return rc;
-    kd_node *s = c->in->s_logits, *t = c->in->t_logits;
-    if (st != 0.0f) {
-        s = kd_standardize(c->g, s);
-        t = kd_standardize(c->g, t);
+    kd_node *s = c->in->s_logits, *t = c->in->t_logits, *zs = s, *zt = t;
+    if (st != 0.0f) { /* the instance level only, as Sun et al.'s MLKD */
+        zs = kd_standardize(c->g, s);
+        zt = kd_standardize(c->g, t);
     }
     kd_node *sum = NULL;
     for (int i = 0; i < nt; i++) {
-        kd_node *n = kd_mlkd(c->g, s, t, c->in->mask, temps[i], wi, wb, wc);
+        kd_node *n;
+        if (st != 0.0f)
+            n = kd_add(c->g, kd_mlkd(c->g, zs, zt, c->in->mask, temps[i], wi, 0.0f, 0.0f),
+                       kd_mlkd(c->g, s, t, c->in->mask, temps[i], 0.0f, wb, wc));
+        else
+            n = kd_mlkd(c->g, s, t, c->in->mask, temps[i], wi, wb, wc);
         sum = sum ? kd_add(c->g, sum, n) : n;
     }
     *out = sum;

@@ -104,14 +104,14 @@ kd_status kd_distiller_build(kd_distiller *d, const kd_distill_setup *s, const k
     }
     if (st == KD_OK) {
         kd_loss_inputs in = {.student = &c->m, .teacher = tm, .s_logits = c->m.logits, .t_logits = d->t_mix,
-                             .labels = c->y};
+                             .labels = c->y, .n_data = ds->n};
         st = kd_loss_build(c->g, &spec, &in, &d->loss);
         if (st != KD_OK) st = kd_error_prefix(st, "[distill] loss");
     }
     if (st == KD_OK && d->has_peer) {
         kd_built_loss pl;
         kd_loss_inputs in = {.student = &d->peer, .teacher = &c->m, .s_logits = d->peer.logits,
-                             .t_logits = c->m.logits, .labels = c->y, .proj_prefix = "peer."};
+                             .t_logits = c->m.logits, .labels = c->y, .proj_prefix = "peer.", .n_data = ds->n};
         st = kd_loss_build(c->g, &spec, &in, &pl);
         if (st != KD_OK) st = kd_error_prefix(st, "[distill] loss (peer)");
         if (st == KD_OK) st = merge_peer(d, &pl);

@@ -219,8 +219,11 @@ static void mlkd_backward(kd_node *n, const kd_ctx *ctx) {
     }
 }
 
-const kd_op_def kd_op_mlkd = {
-    .name = "mlkd", .infer = mlkd_infer, .workspace = mlkd_ws_bytes, .forward = mlkd_forward, .backward = mlkd_backward};
+const kd_op_def kd_op_mlkd = {.name = "mlkd",
+                              .infer = mlkd_infer,
+                              .workspace = mlkd_ws_bytes,
+                              .forward = mlkd_forward,
+                              .backward = mlkd_backward};
 
 /* ================================================================ FKL with a temperature node
  * inputs s, t (R,K), T (1) or (R), mask (R) optional. ws per row: lse_s,
@@ -257,7 +260,8 @@ static void ft_forward(kd_node *n, const kd_ctx *ctx) {
     const float *s = n->in[0]->val.data, *t = n->in[1]->val.data;
     const float *mask = n->n_in > 3 ? n->in[3]->val.data : NULL;
     double *ws = n->ws;
-    for (int r = 0; r < R; r++) KD_ASSERT(ft_temp(n, r) > 0.0, "temperature %g of row %d in '%s'", ft_temp(n, r), r, n->name);
+    for (int r = 0; r < R; r++)
+        KD_ASSERT(ft_temp(n, r) > 0.0, "temperature %g of row %d in '%s'", ft_temp(n, r), r, n->name);
 #pragma omp parallel for if ((int64_t)R * K > 32768) schedule(static)
     for (int r = 0; r < R; r++) {
         double *w = ws + (size_t)r * FT_WS;

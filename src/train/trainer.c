@@ -83,17 +83,6 @@ kd_eval_result kd_evaluate(kd_classifier *c, const kd_dataset *ds, int batch) {
     return r;
 }
 
-const char *kd_graph_first_nonfinite(const kd_graph *g, int upto) {
-    for (int i = 0; i <= upto && i < kd_graph_n_nodes(g); i++) {
-        kd_node *n = kd_graph_node(g, i);
-        if (!n->val.data) continue;
-        int64_t k = kd_numel(&n->val);
-        for (int64_t j = 0; j < k; j++)
-            if (!isfinite(n->val.data[j])) return n->name;
-    }
-    return NULL;
-}
-
 static void fmt_time(char *buf, size_t n, double s) {
     if (s < 0 || !isfinite(s)) s = 0;
     int t = (int)(s + 0.5);
@@ -124,7 +113,10 @@ kd_status kd_train_classifier(kd_classifier *c, const kd_dataset *train, const k
                          .flip = o->flip,
                          .view_epochs = o->view_epochs};
     kd_loader *ld = kd_loader_new(train, &lo);
-    int *aug = o->batch_hook ? kd_malloc((size_t)o->batch * 4 * sizeof(int)) : NULL;
+    /* an "idx" input (memory-bank losses such as CRD) receives each row's example index */
+    kd_node *idx = kd_graph_find(c->g, "idx");
+    if (idx && !(idx->flags & KD_F_INPUT)) idx = NULL;
+    int *aug = (o->batch_hook || idx) ? kd_malloc((size_t)o->batch * 4 * sizeof(int)) : NULL;
     int spe = kd_loader_batches(ld);
     int64_t total = (int64_t)spe * o->epochs;
     kd_optim_cfg oc = o->opt;
@@ -141,12 +133,15 @@ kd_status kd_train_classifier(kd_classifier *c, const kd_dataset *train, const k
         int eseen = 0, wsteps = 0, B, bi = 0;
         while ((B = kd_loader_next(ld, c->x->val.data, c->y->val.data, aug)) > 0) {
             if (o->batch_hook && (st = o->batch_hook(o->hook_ctx, epoch - 1, aug, B)) != KD_OK) break;
+            if (idx)
+                for (int i = 0; i < B; i++) idx->val.data[i] = (float)aug[4 * i + 3];
             kd_graph_set_batch(c->g, B);
             kd_graph_set_step(c->g, (uint64_t)step);
             kd_graph_forward(c->g, 1);
             float loss = c->loss->val.data[0];
             if (!isfinite(loss)) {
-                const char *bad = kd_graph_first_nonfinite(c->g, c->loss->id);
+                kd_node *badn = kd_graph_forward_check(c->g, 1, c->loss); /* re-run, checking each value */
+                const char *bad = badn ? badn->name : NULL;
                 st = kd_errorf(KD_ENUMERIC,
                                "%s: loss is %g at epoch %d step %lld; first non-finite tensor: '%s' (try a lower "
                                "[train] lr or set [train] clip)",

@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# The distillation results table (docs/RESULTS.md): a 784-128-10 MLP student
+# distilled from the reference teacher on Fashion-MNIST, 8 epochs, SGD
+# recipe of examples/fashion_kd.ini, no student augmentation, over seeds;
+# then the unlabelled-transfer setting (5000 labels). The teacher's logits
+# come from a full-logit cache, which trains bit-identically to the online
+# teacher when augmentation is off (tests/test_cache.c), so the table costs
+# minutes instead of hours.
+#   bench/kd_table.sh TEACHER.safetensors [SEEDS...]   (env: OUT=runs/kd_table THREADS=2 EPOCHS=8)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+TEACHER=${1:?usage: bench/kd_table.sh TEACHER.safetensors [SEEDS...]}
+shift
+SEEDS=${*:-0 1 2}
+OUT=${OUT:-runs/kd_table}
+T=${THREADS:-2}
+EPOCHS=${EPOCHS:-8}
+mkdir -p "$OUT"
+CACHE="$OUT/teacher.cache"
+build/distill cache "$TEACHER" --out "$CACHE" --threads "$T" | tee "$OUT/cache.txt"
+METHODS=(
+  "kd_T1_a0.5|ce(weight=0.5) + kd(T=1, weight=0.5)"
+  "kd_T2_a0.5|ce(weight=0.5) + kd(T=2, weight=0.5)"
+  "kd_T2_a0.9|ce(weight=0.1) + kd(T=2, weight=0.9)"
+  "kd_T4_a0.9|ce(weight=0.1) + kd(T=4, weight=0.9)"
+  "dkd|ce + dkd(alpha=1, beta=8, T=4, warmup=1)"
+  "kd_std|ce(weight=0.1) + kd(T=2, weight=9, standardize=1)"
+  "dist|ce + dist(beta=1, gamma=1, tau=1)"
+  "nkd|ce + nkd(T=1, gamma=1.5)"
+)
+common=(--quiet --threads "$T" --run.out="$OUT" --teacher.cache="$CACHE" --teacher.checkpoint="$TEACHER"
+        --train.epochs="$EPOCHS" --data.crop=0 --data.flip=0 --train.eval_every=100)
+for s in $SEEDS; do
+  build/distill run examples/fashion_kd.ini "${common[@]}" --run.seed="$s" --run.name="base_s$s" \
+      --distill.baseline=1 --distill.loss="ce" > /dev/null
+  for m in "${METHODS[@]}"; do
+    name=${m%%|*}; spec=${m#*|}
+    build/distill run examples/fashion_kd.ini "${common[@]}" --run.seed="$s" --run.name="${name}_s$s" \
+        --distill.baseline=0 --distill.loss="$spec" > /dev/null
+  done
+  # unlabelled transfer set: 5000 labels; baseline on those, student on all 60000
+  build/distill run examples/fashion_kd.ini "${common[@]}" --run.seed="$s" --run.name="lab5k_s$s" \
+      --data.labeled=5000 --distill.baseline_epochs=30 --distill.loss="ce(weight=0.1) + kd(T=1, weight=0.9)" > /dev/null
+done
+python3 - "$OUT" "$EPOCHS" $SEEDS <<'PY'
+import json, statistics, sys
+out, epochs, seeds = sys.argv[1], sys.argv[2], sys.argv[3:]
+def summ(name, role):
+    return [json.load(open(f"{out}/{name}_s{s}/summary.json"))[role] for s in seeds]
+def row(label, objs, base=None):
+    a = [o["test_acc"] * 100 for o in objs]
+    m = statistics.mean(a); sd = statistics.stdev(a) if len(a) > 1 else 0.0
+    d = f"{m - base:+.2f}" if base is not None else ""
+    return f"| {label} | {m:.2f} ± {sd:.2f} | {d} | {', '.join(f'{x:.2f}' for x in a)} |", m
+print(f"MLP 784-128-10 student, {epochs} epochs, no augmentation, seeds {' '.join(seeds)}; last-epoch test accuracy.\n")
+print("| method (loss spec) | test acc % (mean ± std) | vs CE | per seed |\n|---|---|---|---|")
+teacher = summ("base", "teacher")
+line, _ = row("teacher (cnn: c32 c32 p c64 c64 p f256 d0.3)", teacher); print(line)
+line, base = row("CE baseline (`ce`)", summ("base", "baseline")); print(line)
+for name, spec in [l.split("|", 1) for l in """kd_T1_a0.5|ce(weight=0.5) + kd(T=1, weight=0.5)
+kd_T2_a0.5|ce(weight=0.5) + kd(T=2, weight=0.5)
+kd_T2_a0.9|ce(weight=0.1) + kd(T=2, weight=0.9)
+kd_T4_a0.9|ce(weight=0.1) + kd(T=4, weight=0.9)
+dkd|ce + dkd(alpha=1, beta=8, T=4, warmup=1)
+kd_std|ce(weight=0.1) + kd(T=2, weight=9, standardize=1)
+dist|ce + dist(beta=1, gamma=1, tau=1)
+nkd|ce + nkd(T=1, gamma=1.5)""".strip().splitlines()]:
+    line, _ = row(f"`{spec}`", summ(name, "student"), base); print(line)
+print(f"\nUnlabelled transfer set: only 5000 training images keep labels.\n")
+print("| run | test acc % (mean ± std) | vs CE | per seed |\n|---|---|---|---|")
+line, b5 = row("CE on the 5000 labelled images (30 epochs)", summ("lab5k", "baseline")); print(line)
+line, _ = row(f"`ce(weight=0.1) + kd(T=1, weight=0.9)`, soft labels on all 60000 ({epochs} epochs)", summ("lab5k", "student"), b5); print(line)
+PY
