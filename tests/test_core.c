@@ -119,6 +119,26 @@ static void test_planner(void) {
         CHECK(kd_graph_param_count(g) < 2 * 32);
         kd_graph_free(g);
     }
+    TEST("forward_check names the first non-finite node, though memory is reused") {
+        kd_graph *g = kd_graph_new();
+        int s1[2] = {2, 500};
+        kd_node *x = kd_input(g, "x", 2, s1);
+        kd_node *a = kd_scale(g, x, 1e20f);
+        kd_node *b = kd_scale(g, a, 1e20f); /* overflows to inf */
+        kd_node_set_name(b, "overflow");
+        kd_node *h = b;
+        for (int i = 0; i < 6; i++) h = kd_scale(g, h, 0.5f);
+        CHECK(kd_graph_compile(g, 2, 1) == KD_OK);
+        for (int i = 0; i < 1000; i++) x->val.data[i] = 1.0f;
+        kd_node *bad = kd_graph_forward_check(g, 0, NULL);
+        CHECK_MSG(bad == b, "named '%s'", bad ? bad->name : "nothing");
+        for (int i = 0; i < 1000; i++) x->val.data[i] = 1e-30f;
+        CHECK(kd_graph_forward_check(g, 0, NULL) == NULL);
+        x->val.data[7] = NAN;
+        bad = kd_graph_forward_check(g, 0, NULL);
+        CHECK(bad == x);
+        kd_graph_free(g);
+    }
     TEST("shape errors name the node") {
         kd_graph *g = kd_graph_new();
         int s[2] = {4, 6}, ws[2] = {3, 5};

@@ -447,25 +447,9 @@ static void ctx_of(const kd_graph *g, kd_ctx *c, int training) {
     c->step = g->step;
 }
 
-void kd_graph_forward_to(kd_graph *g, int training, kd_node *upto) {
-    KD_ASSERT(g->compiled, "forward before compile");
-    kd_ctx c;
-    ctx_of(g, &c, training);
-    int last = upto ? upto->id : g->n - 1;
-    for (int i = 0; i <= last; i++) {
-        kd_node *v = g->nodes[i];
-        if (v->op == KD_OP_LEAF) continue;
-        c.training = training && !(v->flags & KD_F_FROZEN);
-        double t0 = g->prof ? kd_wall() : 0.0;
-        kd_ops[v->op]->forward(v, &c);
-        if (g->prof) g->prof[2 * i] += kd_wall() - t0;
-    }
-    if (g->prof) g->prof_steps++;
-}
-
-void kd_graph_forward(kd_graph *g, int training) { kd_graph_forward_to(g, training, NULL); }
-
-kd_node *kd_graph_forward_check(kd_graph *g, int training, kd_node *upto) {
+/* Runs nodes 0..upto; with `check`, stops at the first node whose value
+ * (leaves included) holds a NaN or Inf and returns it. */
+static kd_node *run_forward(kd_graph *g, int training, kd_node *upto, int check) {
     KD_ASSERT(g->compiled, "forward before compile");
     kd_ctx c;
     ctx_of(g, &c, training);
@@ -474,15 +458,23 @@ kd_node *kd_graph_forward_check(kd_graph *g, int training, kd_node *upto) {
         kd_node *v = g->nodes[i];
         if (v->op != KD_OP_LEAF) {
             c.training = training && !(v->flags & KD_F_FROZEN);
+            double t0 = g->prof ? kd_wall() : 0.0;
             kd_ops[v->op]->forward(v, &c);
+            if (g->prof) g->prof[2 * i] += kd_wall() - t0;
         }
-        if (!v->val.data) continue;
-        int64_t k = kd_numel(&v->val);
-        for (int64_t j = 0; j < k; j++)
-            if (!isfinite(v->val.data[j])) return v;
+        if (check && v->val.data) {
+            int64_t k = kd_numel(&v->val);
+            for (int64_t j = 0; j < k; j++)
+                if (!isfinite(v->val.data[j])) return v;
+        }
     }
+    if (g->prof) g->prof_steps++;
     return NULL;
 }
+
+void kd_graph_forward_to(kd_graph *g, int training, kd_node *upto) { run_forward(g, training, upto, 0); }
+void kd_graph_forward(kd_graph *g, int training) { run_forward(g, training, NULL, 0); }
+kd_node *kd_graph_forward_check(kd_graph *g, int training, kd_node *upto) { return run_forward(g, training, upto, 1); }
 
 /* memset on all threads: large gradients are megabytes */
 static void zero(float *p, int64_t n) {
