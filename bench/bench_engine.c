@@ -38,8 +38,78 @@ static double model_flops_per_sample(const kd_graph *g, int training) {
     return f;
 }
 
+typedef struct timed {
+    kd_graph *g;
+    kd_node *loss;
+    kd_optim *opt;
+    kd_optim_cfg oc;
+    uint64_t step;
+} timed;
+
+static void step_of(timed *t) {
+    kd_graph_set_step(t->g, t->step++);
+    kd_graph_forward(t->g, 1);
+    kd_graph_backward(t->g, t->loss);
+    kd_optim_step(t->opt, kd_graph_param_data(t->g), kd_graph_param_grad(t->g), t->oc.lr);
+}
+
+/* samples/s of training steps on graph g (inputs already filled) */
+static double time_steps(kd_graph *g, kd_node *loss, int batch, double seconds) {
+    timed t = {.g = g, .loss = loss, .oc = {.kind = KD_OPTIM_SGD, .lr = 0.01f, .momentum = 0.9f, .nesterov = 1}};
+    t.opt = kd_optim_new(&t.oc, kd_graph_param_count(g));
+    for (int i = 0; i < 3; i++) step_of(&t);
+    int n = 0;
+    double t0 = kd_now(), el;
+    do {
+        step_of(&t);
+        n++;
+        el = kd_now() - t0;
+    } while (el < seconds || n < 5);
+    kd_optim_free(t.opt);
+    return (double)batch * n / el;
+}
+
+static void fill(kd_node *x, kd_node *y, int batch, uint64_t seed) {
+    kd_rng r;
+    kd_rng_seed(&r, seed);
+    for (int i = 0; i < batch * 784; i++) x->val.data[i] = kd_rng_normal(&r);
+    for (int i = 0; i < batch; i++) y->val.data[i] = (float)kd_rng_below(&r, 10);
+}
+
+/* the distillation step: teacher forward + student forward/backward/update
+ * (online), the same with the teacher's logits from a cache (an input),
+ * and the plain student step */
+static int bench_distill(const char *tspec, const char *sspec, const kd_dataset *ds, int batch, int threads,
+                         double seconds) {
+    const char *loss = "ce(weight=0.1) + kd(T=4, weight=0.9)";
+    kd_distiller on, ca;
+    kd_classifier pl;
+    if (kd_distiller_new(&on, tspec, sspec, loss, ds, batch, 1) != KD_OK ||
+        kd_distiller_new_cached(&ca, sspec, loss, ds, batch, 1) != KD_OK ||
+        kd_classifier_new(&pl, sspec, "", ds, batch, 0.0f, 1) != KD_OK) {
+        fprintf(stderr, "bench_engine: %s\n", kd_error_message());
+        return 1;
+    }
+    fill(on.c.x, on.c.y, batch, 5);
+    fill(ca.c.x, ca.c.y, batch, 5);
+    fill(pl.x, pl.y, batch, 5);
+    kd_rng r;
+    kd_rng_seed(&r, 6);
+    for (int i = 0; i < batch * 10; i++) ca.t_logits->val.data[i] = 3 * kd_rng_normal(&r);
+    double s_on = time_steps(on.c.g, on.c.loss, batch, seconds);
+    double s_ca = time_steps(ca.c.g, ca.c.loss, batch, seconds);
+    double s_pl = time_steps(pl.g, pl.loss, batch, seconds);
+    printf("{\"engine\":\"distill\",\"teacher\":\"%s\",\"student\":\"%s\",\"batch\":%d,\"threads\":%d,"
+           "\"kd_online_samples_per_s\":%.1f,\"kd_cached_samples_per_s\":%.1f,\"student_samples_per_s\":%.1f}\n",
+           tspec, sspec, batch, threads, s_on, s_ca, s_pl);
+    kd_distiller_free(&on);
+    kd_distiller_free(&ca);
+    kd_classifier_free(&pl);
+    return 0;
+}
+
 int main(int argc, char **argv) {
-    const char *spec = "cnn: c32 c32 p c64 c64 p f256 d0.3";
+    const char *spec = "cnn: c32 c32 p c64 c64 p f256 d0.3", *student = NULL;
     int batch = 128, threads = 2;
     double seconds = 5;
     for (int i = 1; i + 1 < argc; i += 2) {
@@ -47,6 +117,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--batch")) batch = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--seconds")) seconds = atof(argv[i + 1]);
         else if (!strcmp(argv[i], "--threads")) threads = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--student")) student = argv[i + 1];
         else {
             fprintf(stderr, "bench_engine: unknown option %s\n", argv[i]);
             return 2;
@@ -57,6 +128,7 @@ int main(int argc, char **argv) {
 #endif
     openblas_set_num_threads(threads);
     kd_dataset ds = {.n = batch, .c = 1, .h = 28, .w = 28, .n_classes = 10, .mean = 0.286f, .std = 0.353f};
+    if (student) return bench_distill(spec, student, &ds, batch, threads, seconds);
     kd_classifier c;
     if (kd_classifier_new(&c, spec, "", &ds, batch, 0.0f, 1) != KD_OK) {
         fprintf(stderr, "bench_engine: %s\n", kd_error_message());

@@ -17,7 +17,7 @@ T=${THREADS:-2}
 EPOCHS=${EPOCHS:-8}
 mkdir -p "$OUT"
 CACHE="$OUT/teacher.cache"
-build/distill cache "$TEACHER" --out "$CACHE" --threads "$T" | tee "$OUT/cache.txt"
+[ -f "$CACHE" ] || build/distill cache "$TEACHER" --out "$CACHE" --threads "$T" | tee "$OUT/cache.txt"
 METHODS=(
   "kd_T1_a0.5|ce(weight=0.5) + kd(T=1, weight=0.5)"
   "kd_T2_a0.5|ce(weight=0.5) + kd(T=2, weight=0.5)"
@@ -28,6 +28,7 @@ METHODS=(
   "dist|ce + dist(beta=1, gamma=1, tau=1)"
   "nkd|ce + nkd(T=1, gamma=1.5)"
 )
+printf '%s\n' "${METHODS[@]}" > "$OUT/methods.txt"
 common=(--quiet --threads "$T" --run.out="$OUT" --teacher.cache="$CACHE" --teacher.checkpoint="$TEACHER"
         --train.epochs="$EPOCHS" --data.crop=0 --data.flip=0 --train.eval_every=100)
 for s in $SEEDS; do
@@ -57,14 +58,7 @@ print("| method (loss spec) | test acc % (mean ± std) | vs CE | per seed |\n|--
 teacher = summ("base", "teacher")
 line, _ = row("teacher (cnn: c32 c32 p c64 c64 p f256 d0.3)", teacher); print(line)
 line, base = row("CE baseline (`ce`)", summ("base", "baseline")); print(line)
-for name, spec in [l.split("|", 1) for l in """kd_T1_a0.5|ce(weight=0.5) + kd(T=1, weight=0.5)
-kd_T2_a0.5|ce(weight=0.5) + kd(T=2, weight=0.5)
-kd_T2_a0.9|ce(weight=0.1) + kd(T=2, weight=0.9)
-kd_T4_a0.9|ce(weight=0.1) + kd(T=4, weight=0.9)
-dkd|ce + dkd(alpha=1, beta=8, T=4, warmup=1)
-kd_std|ce(weight=0.1) + kd(T=2, weight=9, standardize=1)
-dist|ce + dist(beta=1, gamma=1, tau=1)
-nkd|ce + nkd(T=1, gamma=1.5)""".strip().splitlines()]:
+for name, spec in [l.split("|", 1) for l in open(f"{out}/methods.txt").read().strip().splitlines()]:
     line, _ = row(f"`{spec}`", summ(name, "student"), base); print(line)
 print(f"\nUnlabelled transfer set: only 5000 training images keep labels.\n")
 print("| run | test acc % (mean ± std) | vs CE | per seed |\n|---|---|---|---|")

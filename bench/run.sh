@@ -42,6 +42,32 @@ if have:
 else:
     print("pytorch  not installed: no comparison (pip install torch)")
 PY
+# distillation steps: online teacher, cached teacher logits, plain student
+for STUDENT in "mlp: 128" "cnn: c8 p c16 p bn=0"; do
+    : > "$out/kd_ours.jsonl"; : > "$out/kd_torch.jsonl"
+    for r in $(seq "$REPS"); do
+        OMP_WAIT_POLICY=passive "$B/bench_engine" --model "$MODEL" --student "$STUDENT" --batch "$BATCH" --threads "$T" \
+            --seconds "$SEC" >> "$out/kd_ours.jsonl"
+        if [ $have_torch = 1 ]; then
+            OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=$T python3 bench/torch_fashion.py --bench --model "$MODEL" \
+                --student "$STUDENT" --batch "$BATCH" --threads "$T" --seconds "$SEC" >> "$out/kd_torch.jsonl"
+        fi
+    done
+    python3 - "$out" "$have_torch" "$STUDENT" <<'PY'
+import json, statistics, sys
+d, have, student = sys.argv[1], sys.argv[2] == "1", sys.argv[3]
+med = lambda xs, k: statistics.median(x[k] for x in xs)
+o = [json.loads(l) for l in open(d + "/kd_ours.jsonl")]
+on, ca, pl = med(o, "kd_online_samples_per_s"), med(o, "kd_cached_samples_per_s"), med(o, "student_samples_per_s")
+print(f"KD into '{student}': distill online {on:.0f}, cached {ca:.0f}, plain student {pl:.0f} samples/s "
+      f"(cached step costs {pl/ca:.2f}x a plain student step)")
+if have:
+    t = [json.loads(l) for l in open(d + "/kd_torch.jsonl")]
+    ton, tpl = med(t, "kd_online_samples_per_s"), med(t, "student_samples_per_s")
+    print(f"KD into '{student}': pytorch online {ton:.0f}, plain student {tpl:.0f} samples/s -> "
+          f"online {on/ton:.2f}x, cached vs pytorch online {ca/ton:.2f}x")
+PY
+done
 # peak memory of a real (short) teacher run
 if [ -x /usr/bin/time ]; then
     /usr/bin/time -v "$B/distill" run examples/fashion_teacher.ini --quiet --train.epochs=1 --data.limit=12800 \

@@ -100,6 +100,45 @@ def bench(args):
                       "eval_samples_per_s": out["eval_forward"]}))
 
 
+def bench_kd(args):
+    """online KD step (teacher eval forward under no_grad + student step) and the plain student step"""
+    torch.manual_seed(0)
+    teacher, student = build(args.model).eval(), build(args.student)
+    opt = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+    x = torch.randn(args.batch, 1, 28, 28)
+    y = torch.randint(0, 10, (args.batch,))
+    T = 4.0
+    def kd_step():
+        with torch.no_grad():
+            t = teacher(x)
+        s = student(x)
+        loss = 0.1 * F.cross_entropy(s, y) + 0.9 * T * T * F.kl_div(
+            F.log_softmax(s / T, 1), F.log_softmax(t / T, 1), reduction="batchmean", log_target=True)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    def plain_step():
+        loss = F.cross_entropy(student(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    out = {}
+    for name, fn in (("kd_online", kd_step), ("student", plain_step)):
+        for _ in range(args.warmup):
+            fn()
+        t0, n = time.perf_counter(), 0
+        while True:
+            fn()
+            n += 1
+            el = time.perf_counter() - t0
+            if el > args.seconds and n >= 5:
+                break
+        out[name] = args.batch * n / el
+    print(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(), "batch": args.batch,
+                      "teacher": args.model, "student": args.student,
+                      "kd_online_samples_per_s": out["kd_online"], "student_samples_per_s": out["student"]}))
+
+
 def train(args):
     torch.manual_seed(args.seed)
     d = args.data
@@ -153,6 +192,7 @@ if __name__ == "__main__":
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--bench", action="store_true")
+    ap.add_argument("--student", default=None, help="with --bench: time the KD step into this student")
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--train", action="store_true")
@@ -165,7 +205,9 @@ if __name__ == "__main__":
     ap.add_argument("--data", default="/usr/share/datasets/fashion-mnist")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    if args.bench:
+    if args.bench and args.student:
+        bench_kd(args)
+    elif args.bench:
         bench(args)
     if args.train:
         train(args)
