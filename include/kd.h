@@ -248,6 +248,9 @@ typedef struct kd_op_def {
     /* 1: backward honours KD_F_GRAD_FRESH on its inputs (kd_grad_take_fresh):
      * it assigns where the flag is set, saving the zeroing pass */
     int grad_overwrite;
+    /* 1: the workspace is scratch used within one forward or one backward
+     * call (nothing kept in between): all such nodes share one buffer */
+    int ws_scratch;
 } kd_op_def;
 
 enum {

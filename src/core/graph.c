@@ -61,6 +61,7 @@ struct kd_graph {
     char *backward_mark;
     kd_node **state;
     int n_state;
+    void *scratch; /* shared workspace of ops whose workspace is scratch */
     double *prof; /* per node: forward seconds, backward seconds (when profiling) */
     int64_t prof_steps;
 };
@@ -78,9 +79,10 @@ kd_graph *kd_graph_new(void) {
 void kd_graph_free(kd_graph *g) {
     if (!g) return;
     for (int i = 0; i < g->n; i++) {
-        free(g->nodes[i]->ws);
+        if (g->nodes[i]->ws != g->scratch) free(g->nodes[i]->ws);
         free(g->nodes[i]);
     }
+    free(g->scratch);
     free(g->nodes);
     free(g->pdata);
     free(g->pgrad);
@@ -416,11 +418,24 @@ kd_status kd_graph_compile(kd_graph *g, int max_batch, uint64_t seed) {
     free(first_bwd_reader);
 
     /* 5. workspaces and parameter initialisation */
+    size_t scratch = 0;
+    for (int i = 0; i < n; i++) {
+        kd_node *v = g->nodes[i];
+        if (v->op != KD_OP_LEAF && kd_ops[v->op]->workspace && kd_ops[v->op]->ws_scratch) {
+            v->ws_bytes = kd_ops[v->op]->workspace(v, g->threads);
+            if (v->ws_bytes > scratch) scratch = v->ws_bytes;
+        }
+    }
+    if (scratch) g->scratch = kd_calloc(1, scratch);
     for (int i = 0; i < n; i++) {
         kd_node *v = g->nodes[i];
         if (v->op != KD_OP_LEAF && kd_ops[v->op]->workspace) {
-            v->ws_bytes = kd_ops[v->op]->workspace(v, g->threads);
-            if (v->ws_bytes) v->ws = kd_calloc(1, v->ws_bytes);
+            if (kd_ops[v->op]->ws_scratch) {
+                v->ws = v->ws_bytes ? g->scratch : NULL;
+            } else {
+                v->ws_bytes = kd_ops[v->op]->workspace(v, g->threads);
+                if (v->ws_bytes) v->ws = kd_calloc(1, v->ws_bytes);
+            }
         }
         if (v->flags & KD_F_PARAM) init_param(v, seed);
         if (v->flags & KD_F_BUFFER) {

@@ -291,7 +291,8 @@ const kd_op_def kd_op_conv2d = {.name = "conv2d",
                                 .workspace = conv_ws,
                                 .forward = conv_forward,
                                 .backward = conv_backward,
-                                .grad_overwrite = 1};
+                                .grad_overwrite = 1,
+                                .ws_scratch = 1};
 
 kd_node *kd_conv2d(kd_graph *g, kd_node *x, kd_node *w, kd_node *b, int stride, int pad) {
     KD_ASSERT(stride >= 1 && pad >= 0, "conv2d stride %d pad %d", stride, pad);
