@@ -6,7 +6,10 @@
 # come from a full-logit cache, which trains bit-identically to the online
 # teacher when augmentation is off (tests/test_cache.c), so the table costs
 # minutes instead of hours.
-#   bench/kd_table.sh TEACHER.safetensors [SEEDS...]   (env: OUT=runs/kd_table THREADS=2 EPOCHS=8)
+#   bench/kd_table.sh TEACHER.safetensors [SEEDS...]
+#   env: OUT=runs/kd_table THREADS=2 EPOCHS=8 STUDENT="mlp: 128" TRANSFER=1
+# Runs whose summary.json exists are not run again, so the table can be
+# extended (new methods, seeds) without repeating finished runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TEACHER=${1:?usage: bench/kd_table.sh TEACHER.safetensors [SEEDS...]}
@@ -15,6 +18,8 @@ SEEDS=${*:-0 1 2}
 OUT=${OUT:-runs/kd_table}
 T=${THREADS:-2}
 EPOCHS=${EPOCHS:-8}
+STUDENT=${STUDENT:-mlp: 128}
+TRANSFER=${TRANSFER:-1}
 mkdir -p "$OUT"
 CACHE="$OUT/teacher.cache"
 [ -f "$CACHE" ] || build/distill cache "$TEACHER" --out "$CACHE" --threads "$T" | tee "$OUT/cache.txt"
@@ -24,28 +29,33 @@ METHODS=(
   "kd_T2_a0.9|ce(weight=0.1) + kd(T=2, weight=0.9)"
   "kd_T4_a0.9|ce(weight=0.1) + kd(T=4, weight=0.9)"
   "dkd|ce + dkd(alpha=1, beta=8, T=4, warmup=1)"
+  "dkd_w0.1|ce + dkd(alpha=1, beta=8, T=4, warmup=1, weight=0.1)"
   "kd_std|ce(weight=0.1) + kd(T=2, weight=9, standardize=1)"
   "dist|ce + dist(beta=1, gamma=1, tau=1)"
   "nkd|ce + nkd(T=1, gamma=1.5)"
 )
 printf '%s\n' "${METHODS[@]}" > "$OUT/methods.txt"
 common=(--quiet --threads "$T" --run.out="$OUT" --teacher.cache="$CACHE" --teacher.checkpoint="$TEACHER"
-        --train.epochs="$EPOCHS" --data.crop=0 --data.flip=0 --train.eval_every=100)
+        --train.epochs="$EPOCHS" --data.crop=0 --data.flip=0 --train.eval_every=100 --student.model="$STUDENT")
+run() { # NAME ARGS...: one run unless it is already done
+  local name=$1; shift
+  [ -f "$OUT/$name/summary.json" ] || build/distill run examples/fashion_kd.ini "${common[@]}" --run.name="$name" "$@" > /dev/null
+}
 for s in $SEEDS; do
-  build/distill run examples/fashion_kd.ini "${common[@]}" --run.seed="$s" --run.name="base_s$s" \
-      --distill.baseline=1 --distill.loss="ce" > /dev/null
+  run "base_s$s" --run.seed="$s" --distill.baseline=1 --distill.loss="ce"
   for m in "${METHODS[@]}"; do
     name=${m%%|*}; spec=${m#*|}
-    build/distill run examples/fashion_kd.ini "${common[@]}" --run.seed="$s" --run.name="${name}_s$s" \
-        --distill.baseline=0 --distill.loss="$spec" > /dev/null
+    run "${name}_s$s" --run.seed="$s" --distill.baseline=0 --distill.loss="$spec"
   done
   # unlabelled transfer set: 5000 labels; baseline on those, student on all 60000
-  build/distill run examples/fashion_kd.ini "${common[@]}" --run.seed="$s" --run.name="lab5k_s$s" \
-      --data.labeled=5000 --distill.baseline_epochs=30 --distill.loss="ce(weight=0.1) + kd(T=1, weight=0.9)" > /dev/null
+  if [ "$TRANSFER" = 1 ]; then
+    run "lab5k_s$s" --run.seed="$s" --data.labeled=5000 --distill.baseline_epochs=30 \
+        --distill.loss="ce(weight=0.1) + kd(T=1, weight=0.9)"
+  fi
 done
-python3 - "$OUT" "$EPOCHS" $SEEDS <<'PY'
-import json, statistics, sys
-out, epochs, seeds = sys.argv[1], sys.argv[2], sys.argv[3:]
+python3 - "$OUT" "$EPOCHS" "$STUDENT" "$TRANSFER" $SEEDS <<'PY'
+import json, statistics, sys, os
+out, epochs, student, transfer, seeds = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1", sys.argv[5:]
 def summ(name, role):
     return [json.load(open(f"{out}/{name}_s{s}/summary.json"))[role] for s in seeds]
 def row(label, objs, base=None):
@@ -53,13 +63,15 @@ def row(label, objs, base=None):
     m = statistics.mean(a); sd = statistics.stdev(a) if len(a) > 1 else 0.0
     d = f"{m - base:+.2f}" if base is not None else ""
     return f"| {label} | {m:.2f} ± {sd:.2f} | {d} | {', '.join(f'{x:.2f}' for x in a)} |", m
-print(f"MLP 784-128-10 student, {epochs} epochs, no augmentation, seeds {' '.join(seeds)}; last-epoch test accuracy.\n")
+print(f"Student `{student}`, {epochs} epochs, no augmentation, seeds {' '.join(seeds)}; last-epoch test accuracy.\n")
 print("| method (loss spec) | test acc % (mean ± std) | vs CE | per seed |\n|---|---|---|---|")
 teacher = summ("base", "teacher")
 line, _ = row("teacher (cnn: c32 c32 p c64 c64 p f256 d0.3)", teacher); print(line)
 line, base = row("CE baseline (`ce`)", summ("base", "baseline")); print(line)
 for name, spec in [l.split("|", 1) for l in open(f"{out}/methods.txt").read().strip().splitlines()]:
     line, _ = row(f"`{spec}`", summ(name, "student"), base); print(line)
+if not transfer:
+    sys.exit(0)
 print(f"\nUnlabelled transfer set: only 5000 training images keep labels.\n")
 print("| run | test acc % (mean ± std) | vs CE | per seed |\n|---|---|---|---|")
 line, b5 = row("CE on the 5000 labelled images (30 epochs)", summ("lab5k", "baseline")); print(line)
