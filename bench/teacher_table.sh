@@ -2,7 +2,9 @@
 # Accuracy of the reference teacher recipe (examples/fashion_teacher.ini) in
 # distill and in PyTorch (bench/torch_fashion.py, the same model, optimiser,
 # schedule, augmentation and epochs), over seeds; writes a markdown table.
-#   bench/teacher_table.sh [SEEDS...]     (env: EPOCHS=15 THREADS=2 OUT=runs/teacher_table)
+#   bench/teacher_table.sh [SEEDS...]     (env: EPOCHS=15 THREADS=2 OUT=runs/teacher_table TORCH=1)
+# Finished runs are not repeated; TORCH=0 skips the PyTorch side (the table
+# then reports PyTorch for the seeds that have a finished run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SEEDS=${*:-0 1 2}
@@ -11,9 +13,10 @@ T=${THREADS:-2}
 OUT=${OUT:-runs/teacher_table}
 mkdir -p "$OUT"
 for s in $SEEDS; do
-    build/distill run examples/fashion_teacher.ini --quiet --threads "$T" --run.seed="$s" \
-        --train.epochs="$EPOCHS" --run.out="$OUT" --run.name="distill_s$s" > /dev/null
-    if python3 -c "import torch" 2>/dev/null; then
+    [ -f "$OUT/distill_s$s/summary.json" ] || build/distill run examples/fashion_teacher.ini --quiet --threads "$T" \
+        --run.seed="$s" --train.epochs="$EPOCHS" --run.out="$OUT" --run.name="distill_s$s" > /dev/null
+    done_torch=$( [ -f "$OUT/torch_s$s.jsonl" ] && grep -c '"epoch": '"$EPOCHS"',' "$OUT/torch_s$s.jsonl" || true)
+    if [ "${TORCH:-1}" = 1 ] && [ "$done_torch" != 1 ] && python3 -c "import torch" 2>/dev/null; then
         OPENBLAS_NUM_THREADS=1 python3 bench/torch_fashion.py --train --threads "$T" --seed "$s" \
             --epochs "$EPOCHS" > "$OUT/torch_s$s.jsonl"
     fi
@@ -27,8 +30,12 @@ def row(name, accs, secs):
 ours = [json.load(open(f"{out}/distill_s{s}/summary.json"))["teacher"] for s in seeds]
 lines = ["| implementation | test acc % (mean ± std) | per seed | train s |", "|---|---|---|---|",
          row("distill", [o["test_acc"] for o in ours], [o["train_seconds"] for o in ours])]
-if all(os.path.exists(f"{out}/torch_s{s}.jsonl") for s in seeds):
-    th = [[json.loads(l) for l in open(f"{out}/torch_s{s}.jsonl")][-1] for s in seeds]
-    lines.append(row("PyTorch", [t["test_acc"] for t in th], [t["seconds"] for t in th]))
+def finished(s):
+    p = f"{out}/torch_s{s}.jsonl"
+    return os.path.exists(p) and [json.loads(l) for l in open(p)][-1]["epoch"] == int(os.environ.get("EPOCHS", "15"))
+ts = [s for s in seeds if finished(s)]
+if ts:
+    th = [[json.loads(l) for l in open(f"{out}/torch_s{s}.jsonl")][-1] for s in ts]
+    lines.append(row(f"PyTorch (seeds {' '.join(ts)})", [t["test_acc"] for t in th], [t["seconds"] for t in th]))
 print("\n".join(lines))
 PY
