@@ -68,11 +68,12 @@ kd_status kd_export_c(const char *checkpoint, const char *dir) {
         case KD_OP_GAP: case KD_OP_RESHAPE: case KD_OP_DROPOUT: case KD_OP_MATMUL: break;
         default: ok = 0;
         }
-        if (!ok) {
+        if (!ok) { /* the message names the node: write it before the graph is freed */
+            st = kd_errorf(KD_EUSAGE, "%s: model '%s' cannot be exported to C yet (node '%s', op %s: only chains of "
+                           "conv, batch norm, relu, pooling, linear and dropout, i.e. mlp and cnn specs)",
+                           checkpoint, info.model, n->name, kd_ops[n->op]->name);
             kd_classifier_free(&c);
-            return kd_errorf(KD_EUSAGE, "%s: model '%s' cannot be exported to C yet (node '%s', op %s: only chains of "
-                             "conv, batch norm, relu, pooling, linear and dropout, i.e. mlp and cnn specs)",
-                             checkpoint, info.model, n->name, kd_ops[n->op]->name);
+            return st;
         }
         if (kd_numel(&n->val) > max_act) max_act = kd_numel(&n->val);
         prev = n;
