@@ -13,6 +13,7 @@
 #include <string.h>
 
 #include "gradcheck.h"
+#include "test.h"
 
 kd_gc kd_gradcheck_project(kd_graph *g, kd_node *out) {
     kd_gc p = {.out = out};
@@ -101,4 +102,21 @@ double kd_gradcheck_ex(kd_graph *g, const kd_gc *p, kd_node **wrt, int n_wrt, do
     kd_graph_forward(g, training);
     kd_graph_backward(g, p->obj);
     return worst;
+}
+
+int kd_gc_compile(kd_graph *g, int max_batch, uint64_t seed) {
+    kd_status st = kd_graph_compile(g, max_batch, seed);
+    CHECK_MSG(st == KD_OK, "compile: %s", kd_error_message());
+    return st == KD_OK;
+}
+
+void kd_gc_fill(kd_rng *r, kd_node *n, float scale, float shift) {
+    for (int64_t i = 0; i < kd_numel(&n->val); i++) n->val.data[i] = shift + scale * kd_rng_normal(r);
+}
+
+void kd_gc_fill_away(kd_rng *r, kd_node *n, float scale, float margin) {
+    for (int64_t i = 0; i < kd_numel(&n->val); i++) {
+        float z = kd_rng_normal(r);
+        n->val.data[i] = (z < 0 ? -1.0f : 1.0f) * (margin + scale * fabsf(z));
+    }
 }

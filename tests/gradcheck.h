@@ -55,4 +55,12 @@ static inline double kd_gradcheck(kd_graph *g, const kd_gc *p, kd_node **wrt, in
     return kd_gradcheck_ex(g, p, wrt, n_wrt, eps, training, 1e-2);
 }
 
+/* Shared helpers of the op and loss tests. */
+/* Compiles g with the given seed; a failure is counted as a failed check. */
+int kd_gc_compile(kd_graph *g, int max_batch, uint64_t seed);
+/* n's values ~ shift + scale * N(0, 1) */
+void kd_gc_fill(kd_rng *r, kd_node *n, float scale, float shift);
+/* |x| >= margin everywhere: keeps kinks at 0 (ReLU, |f|^p) out of reach of the step */
+void kd_gc_fill_away(kd_rng *r, kd_node *n, float scale, float margin);
+
 #endif

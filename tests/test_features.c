@@ -40,24 +40,6 @@ static kd_rng rng;
 
 /* ---------------------------------------------------------------- helpers */
 
-static int compile_ok(kd_graph *g, int max_batch) {
-    kd_status st = kd_graph_compile(g, max_batch, 7);
-    CHECK_MSG(st == KD_OK, "compile: %s", kd_error_message());
-    return st == KD_OK;
-}
-
-static void fill(kd_node *n, float scale, float shift) {
-    for (int64_t i = 0; i < kd_numel(&n->val); i++) n->val.data[i] = shift + scale * kd_rng_normal(&rng);
-}
-
-/* |x| >= margin: keeps |f|^p's kink at 0 out of reach of the step */
-static void fill_away_from_zero(kd_node *n, float scale, float margin) {
-    for (int64_t i = 0; i < kd_numel(&n->val); i++) {
-        float z = kd_rng_normal(&rng);
-        n->val.data[i] = (z < 0 ? -1.0f : 1.0f) * (margin + scale * fabsf(z));
-    }
-}
-
 static void set(kd_node *n, const float *v) { memcpy(n->val.data, v, (size_t)kd_numel(&n->val) * sizeof(float)); }
 
 static double max_abs(const float *p, int64_t n) {
@@ -110,13 +92,13 @@ static void gc_case(int op, const int *ss, const int *ts, float a, float b, int 
     kd_node *t = kd_param(g, "t", ts[0], ts + 1, KD_INIT_ZERO, 1);
     kd_node *loss = loss_of(g, op, s, t, a, b);
     kd_gc p = kd_gradcheck_project(g, loss);
-    if (compile_ok(g, 1)) {
+    if (kd_gc_compile(g, 1, 7)) {
         if (filler == 1) {
-            fill_away_from_zero(s, 1.0f, 0.2f);
-            fill_away_from_zero(t, 1.0f, 0.2f);
+            kd_gc_fill_away(&rng, s, 1.0f, 0.2f);
+            kd_gc_fill_away(&rng, t, 1.0f, 0.2f);
         } else {
-            fill(s, 1.0f, 0.0f);
-            fill(t, 1.5f, 0.3f);
+            kd_gc_fill(&rng, s, 1.0f, 0.0f);
+            kd_gc_fill(&rng, t, 1.5f, 0.3f);
             if (filler == 2)
                 for (int64_t i = 0; i < kd_numel(&t->val) / t->val.shape[0]; i++) t->val.data[i] += 8.0f;
         }
@@ -177,7 +159,7 @@ static kd_graph *eval_case(int op, const int *ss, const float *sv, const int *ts
     kd_node *s = kd_param(g, "s", ss[0], ss + 1, KD_INIT_ZERO, 1);
     kd_node *t = kd_param(g, "t", ts[0], ts + 1, KD_INIT_ZERO, 1);
     kd_node *loss = loss_of(g, op, s, t, a, b);
-    if (!compile_ok(g, 1)) {
+    if (!kd_gc_compile(g, 1, 7)) {
         kd_graph_free(g);
         return NULL;
     }
@@ -434,7 +416,7 @@ static void fx_run(const kd_safetensors *st, const fx_case *c) {
     kd_node *s = kd_param(g, "s", c->ss[0], c->ss + 1, KD_INIT_ZERO, 1);
     kd_node *t = kd_param(g, "t", c->ts[0], c->ts + 1, KD_INIT_ZERO, 1);
     kd_node *loss = loss_of(g, c->op, s, t, c->a, c->b);
-    if (compile_ok(g, 1)) {
+    if (kd_gc_compile(g, 1, 7)) {
         snprintf(key, sizeof key, "%s.s", c->prefix);
         int ok = fx_load(st, key, s);
         snprintf(key, sizeof key, "%s.t", c->prefix);
@@ -539,12 +521,12 @@ static float *run_threads(int op, int threads, int N, int64_t *ks, int64_t *kt) 
     kd_node *t = kd_param(g, "t", ts[0], ts + 1, KD_INIT_ZERO, 1);
     kd_node *loss = loss_of(g, op, s, t, 2.0f, 3.0f);
     float *out = NULL;
-    if (compile_ok(g, 1)) {
+    if (kd_gc_compile(g, 1, 7)) {
         *ks = kd_numel(&s->val);
         *kt = kd_numel(&t->val);
         kd_rng_seed(&rng, 99 + op);
-        fill(s, 1.0f, 0.1f);
-        fill(t, 2.0f, 0.0f);
+        kd_gc_fill(&rng, s, 1.0f, 0.1f);
+        kd_gc_fill(&rng, t, 2.0f, 0.0f);
         step(g, loss);
         out = kd_malloc((size_t)(1 + *ks + *kt) * sizeof *out);
         out[0] = loss->val.data[0];
@@ -588,11 +570,11 @@ static float *run_batch(int op, int max_batch, int N, const float *xs, const flo
     kd_node *wt = kd_param(g, "wt", 2, (int[]){lt, lt}, KD_INIT_ZERO, 1);
     kd_node *loss = loss_of(g, op, kd_matmul(g, is, ws, NULL), kd_matmul(g, it, wt, NULL), 2.0f, 3.0f);
     float *out = NULL;
-    if (compile_ok(g, max_batch)) {
+    if (kd_gc_compile(g, max_batch, 7)) {
         kd_graph_set_batch(g, N);
         kd_rng_seed(&rng, 5);
-        fill(ws, 0.5f, 0.0f);
-        fill(wt, 0.5f, 0.0f);
+        kd_gc_fill(&rng, ws, 0.5f, 0.0f);
+        kd_gc_fill(&rng, wt, 0.5f, 0.0f);
         memcpy(is->val.data, xs, (size_t)kd_numel(&is->val) * sizeof(float));
         memcpy(it->val.data, xt, (size_t)kd_numel(&it->val) * sizeof(float));
         step(g, loss);

@@ -33,23 +33,6 @@
 
 static kd_rng rng;
 
-static int compile_ok(kd_graph *g, int max_batch) {
-    kd_status st = kd_graph_compile(g, max_batch, 7);
-    CHECK_MSG(st == KD_OK, "compile: %s", kd_error_message());
-    return st == KD_OK;
-}
-
-static void fill(kd_node *n, float scale, float shift) {
-    for (int64_t i = 0; i < kd_numel(&n->val); i++) n->val.data[i] = shift + scale * kd_rng_normal(&rng);
-}
-
-static void fill_away_from_zero(kd_node *n, float scale, float margin) {
-    for (int64_t i = 0; i < kd_numel(&n->val); i++) {
-        float z = kd_rng_normal(&rng);
-        n->val.data[i] = (z < 0 ? -1.0f : 1.0f) * (margin + scale * fabsf(z));
-    }
-}
-
 static double max_abs(const float *p, int64_t n) {
     double m = 0.0;
     for (int64_t i = 0; i < n; i++) m = fmax(m, fabs(p[i]));
@@ -76,8 +59,8 @@ static void step(kd_graph *g, kd_node *loss, int training) {
 static double gc_run(kd_graph *g, kd_node *out, kd_node **wrt, int n, int training, double eps) {
     static uint64_t calls;
     kd_gc p = kd_gradcheck_project(g, out);
-    if (!compile_ok(g, out->val.shape[0])) return INFINITY;
-    for (int k = 0; k < n; k++) fill(wrt[k], 1.0f, 0.1f * k);
+    if (!kd_gc_compile(g, out->val.shape[0], 7)) return INFINITY;
+    for (int k = 0; k < n; k++) kd_gc_fill(&rng, wrt[k], 1.0f, 0.1f * k);
     kd_gradcheck_randomize(&p, 900 + calls++);
     return kd_gradcheck(g, &p, wrt, n, eps, training);
 }
@@ -125,9 +108,9 @@ static void gradchecks(void) {
             kd_node *idx = kd_input(g, "idx", 1, (int[]){3});
             kd_node *l = kd_crd_nce(g, kd_l2norm(g, s), kd_l2norm(g, t), idx, 10, 6, c ? 0.2f : 0.5f, 0.5f);
             kd_gc p = kd_gradcheck_project(g, l);
-            if (compile_ok(g, 3)) {
-                fill(s, 1.0f, 0.0f);
-                fill(t, 1.0f, 0.2f);
+            if (kd_gc_compile(g, 3, 7)) {
+                kd_gc_fill(&rng, s, 1.0f, 0.0f);
+                kd_gc_fill(&rng, t, 1.0f, 0.2f);
                 idx->val.data[0] = 4, idx->val.data[1] = 0, idx->val.data[2] = 9;
                 kd_gradcheck_randomize(&p, 77 + c);
                 kd_node *wrt[2] = {s, t};
@@ -154,8 +137,8 @@ static void gradchecks(void) {
             kd_node *a = param(g, "a", 2, (int[]){4, 5}), *b = param(g, "b", 2, (int[]){4, 5});
             kd_node *l = kd_logsum(g, a, b, alphas[c]);
             kd_gc p = kd_gradcheck_project(g, l);
-            if (compile_ok(g, 4)) {
-                fill_away_from_zero(a, 1.0f, 0.3f);
+            if (kd_gc_compile(g, 4, 7)) {
+                kd_gc_fill_away(&rng, a, 1.0f, 0.3f);
                 memset(b->val.data, 0, 20 * sizeof(float));
                 for (int i = 0; i < 20; i++) b->val.data[i] = a->val.data[i] > 0 ? -0.2f * (i % 3) : 0.2f * (i % 4);
                 kd_gradcheck_randomize(&p, 300 + c);
@@ -177,8 +160,8 @@ static void closed_forms(void) {
         kd_node *mu = param(g, "mu", 4, sh), *t = param(g, "t", 4, sh), *a = param(g, "a", 1, (int[]){3});
         double iv = 5.0, eps = 1e-5, a0 = log(expm1(iv - eps));
         kd_node *l = kd_vid_nll(g, mu, t, a, (float)a0, (float)eps);
-        if (compile_ok(g, 2)) {
-            fill(mu, 1.0f, 0.0f);
+        if (kd_gc_compile(g, 2, 7)) {
+            kd_gc_fill(&rng, mu, 1.0f, 0.0f);
             memcpy(t->val.data, mu->val.data, 24 * sizeof(float));
             step(g, l, 1);
             double var = log1p(exp((float)a0)) + (float)eps;
@@ -193,7 +176,7 @@ static void closed_forms(void) {
         kd_graph *g = kd_graph_new();
         kd_node *s = param(g, "s", 2, (int[]){4, 4}), *t = param(g, "t", 2, (int[]){4, 4});
         kd_node *l = kd_crd_infonce(g, s, t, 0.5f);
-        if (compile_ok(g, 4)) {
+        if (kd_gc_compile(g, 4, 7)) {
             for (int i = 0; i < 16; i++) s->val.data[i] = t->val.data[i] = i % 5 == 0 ? 1.0f : 0.0f;
             step(g, l, 1);
             CHECK_CLOSE(l->val.data[0], 2.0 * (log(exp(2.0) + 3.0) - 2.0), 0, 1e-6);
@@ -205,11 +188,11 @@ static void closed_forms(void) {
         kd_node *s = param(g, "s", 2, (int[]){3, 4}), *t = param(g, "t", 2, (int[]){3, 4});
         kd_node *idx = kd_input(g, "idx", 1, (int[]){3});
         kd_node *l = kd_crd_nce(g, s, t, idx, 50, 9, 0.07f, 0.5f);
-        if (compile_ok(g, 3)) {
+        if (kd_gc_compile(g, 3, 7)) {
             memset(kd_crd_bank(l, 0), 0, 50 * 4 * sizeof(float));
             memset(kd_crd_bank(l, 1), 0, 50 * 4 * sizeof(float));
-            fill(s, 1.0f, 0.0f);
-            fill(t, 1.0f, 0.0f);
+            kd_gc_fill(&rng, s, 1.0f, 0.0f);
+            kd_gc_fill(&rng, t, 1.0f, 0.0f);
             for (int i = 0; i < 3; i++) idx->val.data[i] = (float)(7 * i);
             step(g, l, 0);
             double K = 9.0;
@@ -225,8 +208,8 @@ static void closed_forms(void) {
         kd_node *x = param(g, "x", 4, (int[]){3, 2, 2, 2});
         kd_node *y = kd_bn_noaffine(g, x, 1e-4f);
         kd_node *l = kd_mean(g, y);
-        if (compile_ok(g, 3)) {
-            fill(x, 2.0f, 1.0f);
+        if (kd_gc_compile(g, 3, 7)) {
+            kd_gc_fill(&rng, x, 2.0f, 1.0f);
             kd_graph_forward(g, 1);
             for (int c = 0; c < 2; c++) {
                 double m = 0, v = 0, mx = 0, vx = 0;
@@ -257,7 +240,7 @@ static void closed_forms(void) {
         kd_graph *g = kd_graph_new();
         kd_node *a = param(g, "a", 2, (int[]){2, 2}), *b = param(g, "b", 2, (int[]){2, 2});
         kd_node *l = kd_logsum(g, a, b, 4.0f);
-        if (compile_ok(g, 2)) {
+        if (kd_gc_compile(g, 2, 7)) {
             float av[4] = {1, -2, 3, 0.5f}, bv[4] = {0, 0, 3, 0};
             memcpy(a->val.data, av, sizeof av);
             memcpy(b->val.data, bv, sizeof bv);
@@ -275,8 +258,8 @@ static void closed_forms(void) {
         kd_node *x = param(g, "x", 2, (int[]){3, 4});
         kd_node *y = kd_l2norm(g, x);
         kd_node *l = kd_sum(g, y);
-        if (compile_ok(g, 3)) {
-            fill(x, 1.0f, 0.0f);
+        if (kd_gc_compile(g, 3, 7)) {
+            kd_gc_fill(&rng, x, 1.0f, 0.0f);
             memset(x->val.data + 4, 0, 4 * sizeof(float));
             step(g, l, 1);
             for (int i = 0; i < 3; i++) {
@@ -338,7 +321,7 @@ static void fx_vid(const kd_safetensors *st, const char *name, int ndim, const i
     kd_graph *g = kd_graph_new();
     kd_node *mu = param(g, "mu", ndim, sh), *t = param(g, "t", ndim, sh), *a = param(g, "a", 1, sh + 1);
     kd_node *l = kd_vid_nll(g, mu, t, a, a0, eps);
-    if (compile_ok(g, sh[0])) {
+    if (kd_gc_compile(g, sh[0], 7)) {
         int ok = 1;
         snprintf(k, sizeof k, "%s.mu", name), ok &= fx_load(st, k, mu);
         snprintf(k, sizeof k, "%s.t", name), ok &= fx_load(st, k, t);
@@ -364,7 +347,7 @@ static void fx_crd(const kd_safetensors *st) {
     kd_node *idx = kd_input(g, "idx", 1, (int[]){N});
     kd_node *l = kd_crd_nce(g, kd_l2norm(g, kd_matmul(g, es, ws, NULL)), kd_l2norm(g, kd_matmul(g, et, wt, NULL)), idx,
                             M, K, 0.07f, 0.5f);
-    if (compile_ok(g, N)) {
+    if (kd_gc_compile(g, N, 7)) {
         int ok = fx_get(st, "crd.bank_s", kd_crd_bank(l, 0), 2, (int[]){M, D});
         ok &= fx_get(st, "crd.bank_t", kd_crd_bank(l, 1), 2, (int[]){M, D});
         for (int s = 1; s <= 2 && ok; s++) {
@@ -407,7 +390,7 @@ static void fixture(void) {
             kd_graph *g = kd_graph_new();
             kd_node *es = param(g, "es", 2, (int[]){6, 8}), *et = param(g, "et", 2, (int[]){6, 8});
             kd_node *l = kd_crd_infonce(g, kd_l2norm(g, es), kd_l2norm(g, et), temps[c]);
-            if (compile_ok(g, 6)) {
+            if (kd_gc_compile(g, 6, 7)) {
                 snprintf(k, sizeof k, "%s.es", nce[c]);
                 int ok = fx_load(&st, k, es);
                 snprintf(k, sizeof k, "%s.et", nce[c]);
@@ -428,7 +411,7 @@ static void fixture(void) {
             kd_graph *g = kd_graph_new();
             kd_node *s = param(g, "s", 2, (int[]){6, 5}), *t = param(g, "t", 2, (int[]){6, 5});
             kd_node *l = kd_logsum(g, kd_bn_noaffine(g, s, 1e-4f), kd_bn_noaffine(g, t, 1e-4f), alphas[c]);
-            if (compile_ok(g, 6)) {
+            if (kd_gc_compile(g, 6, 7)) {
                 snprintf(k, sizeof k, "%s.s", mm[c]);
                 int ok = fx_load(&st, k, s);
                 snprintf(k, sizeof k, "%s.t", mm[c]);
@@ -459,7 +442,7 @@ static int nce_new(nce_g *q, int max_batch, int M, int D, int K, int threads, fl
     q->t = param(q->g, "t", 2, (int[]){max_batch, D});
     q->idx = kd_input(q->g, "idx", 1, &max_batch);
     q->l = kd_crd_nce(q->g, kd_l2norm(q->g, q->s), kd_l2norm(q->g, q->t), q->idx, M, K, 0.1f, mom);
-    return compile_ok(q->g, max_batch);
+    return kd_gc_compile(q->g, max_batch, 7);
 }
 
 static void memory_bank(void) {
@@ -467,7 +450,7 @@ static void memory_bank(void) {
         nce_g a, b;
         if (nce_new(&a, 2, 30, 6, 5, 1, 0.5f) && nce_new(&b, 2, 30, 6, 5, 1, 0.5f)) {
             for (int i = 0; i < 2; i++) a.idx->val.data[i] = b.idx->val.data[i] = (float)i;
-            fill(a.s, 1, 0), fill(a.t, 1, 0), fill(b.s, 1, 0), fill(b.t, 1, 0);
+            kd_gc_fill(&rng, a.s, 1, 0), kd_gc_fill(&rng, a.t, 1, 0), kd_gc_fill(&rng, b.s, 1, 0), kd_gc_fill(&rng, b.t, 1, 0);
             kd_graph_forward(a.g, 0);
             kd_graph_forward(b.g, 0);
             const float *ba = kd_crd_bank(a.l, 0), *bb = kd_crd_bank(b.l, 0);
@@ -483,7 +466,7 @@ static void memory_bank(void) {
         enum { M = 12, D = 4 };
         nce_g q;
         if (nce_new(&q, 3, M, D, 7, 1, 0.75f)) {
-            fill(q.s, 1, 0), fill(q.t, 1, 0);
+            kd_gc_fill(&rng, q.s, 1, 0), kd_gc_fill(&rng, q.t, 1, 0);
             float idxv[3] = {2, 7, 11};
             memcpy(q.idx->val.data, idxv, sizeof idxv);
             kd_graph_forward(q.g, 0); /* initialises the banks */
@@ -534,7 +517,7 @@ static void memory_bank(void) {
     TEST("crd_nce sampling: the same step gives the same loss, another step another") {
         nce_g q;
         if (nce_new(&q, 4, 100, 5, 16, 1, 0.5f)) {
-            fill(q.s, 1, 0), fill(q.t, 1, 0);
+            kd_gc_fill(&rng, q.s, 1, 0), kd_gc_fill(&rng, q.t, 1, 0);
             for (int i = 0; i < 4; i++) q.idx->val.data[i] = (float)(10 * i + 3);
             kd_graph_set_step(q.g, 5);
             kd_graph_forward(q.g, 0);
@@ -562,10 +545,10 @@ static float *run_op(int op, int threads, int max_batch, int N, int *k_out) {
     kd_node *idx = op == 1 ? kd_input(g, "idx", 1, &max_batch) : NULL;
     kd_node *l = op == 1 ? kd_crd_nce(g, zs, zt, idx, 500, 300, 0.1f, 0.5f) : kd_crd_infonce(g, zs, zt, 0.07f);
     float *out = NULL;
-    if (compile_ok(g, max_batch)) {
+    if (kd_gc_compile(g, max_batch, 7)) {
         kd_graph_set_batch(g, N);
         kd_rng_seed(&rng, 4242);
-        fill(ws, 0.3f, 0), fill(wt, 0.3f, 0), fill(xs, 1, 0), fill(xt, 1, 0);
+        kd_gc_fill(&rng, ws, 0.3f, 0), kd_gc_fill(&rng, wt, 0.3f, 0), kd_gc_fill(&rng, xs, 1, 0), kd_gc_fill(&rng, xt, 1, 0);
         if (idx)
             for (int i = 0; i < N; i++) idx->val.data[i] = (float)(37 * i % 500);
         step(g, l, 1);
@@ -606,7 +589,7 @@ typedef struct pair {
 static kd_status pair_compile(pair *p) {
     kd_status st = kd_graph_compile(p->g, 6, 11);
     if (st == KD_OK) {
-        fill(p->x, 1, 0);
+        kd_gc_fill(&rng, p->x, 1, 0);
         for (int i = 0; i < 6; i++) p->y->val.data[i] = (float)(i % 5);
         kd_node *idx = kd_graph_find(p->g, "idx");
         if (idx)

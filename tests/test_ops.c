@@ -47,26 +47,12 @@ static kd_node *param(kd_graph *g, const char *name, int ndim, ...) {
     return kd_param(g, name, ndim, shape, KD_INIT_ZERO, 1);
 }
 
-static int compile_ok(kd_graph *g, int max_batch) {
-    kd_status st = kd_graph_compile(g, max_batch, 42);
-    CHECK_MSG(st == KD_OK, "compile: %s", kd_error_message());
-    return st == KD_OK;
-}
-
 static void fill_normal(float *p, int64_t n, float scale, float shift) {
     for (int64_t i = 0; i < n; i++) p[i] = shift + scale * kd_rng_normal(&rng);
 }
 
 static void fill_node(kd_node *n, float scale, float shift) {
     fill_normal(n->val.data, kd_numel(&n->val), scale, shift);
-}
-
-/* |x| >= margin everywhere: keeps ReLU's kink out of reach of the step */
-static void fill_away_from_zero(kd_node *n, float scale, float margin) {
-    for (int64_t i = 0; i < kd_numel(&n->val); i++) {
-        float z = kd_rng_normal(&rng);
-        n->val.data[i] = (z < 0 ? -1.0f : 1.0f) * (margin + scale * fabsf(z));
-    }
 }
 
 /* distinct values step apart, in random order: no max-pool ties within 2 eps */
@@ -116,7 +102,7 @@ static void gc_matmul(void) {
             kd_node *w = param(g, "w", 2, OUT, IN), *b = bias ? param(g, "b", 1, OUT) : NULL;
             kd_node *y = kd_matmul(g, x, w, b);
             kd_gc p = kd_gradcheck_project(g, y);
-            if (compile_ok(g, 1)) {
+            if (kd_gc_compile(g, 1, 42)) {
                 fill_node(x, 1.0f, 0.0f);
                 fill_node(w, 0.5f, 0.0f);
                 if (b) fill_node(b, 0.2f, 0.0f);
@@ -138,7 +124,7 @@ static void gc_conv(void) {
                     kd_node *b = param(g, "b", 1, 4);
                     kd_node *y = kd_conv2d(g, x, w, b, stride, pad);
                     kd_gc p = kd_gradcheck_project(g, y);
-                    if (compile_ok(g, 1)) {
+                    if (kd_gc_compile(g, 1, 42)) {
                         fill_node(x, 1.0f, 0.0f);
                         fill_node(w, 0.3f, 0.0f);
                         fill_node(b, 0.1f, 0.0f);
@@ -158,7 +144,7 @@ static void gc_conv(void) {
             kd_node *b = cfg[c][2] ? param(g, "b", 1, 4) : NULL;
             kd_node *y = kd_conv2d(g, x, w, b, cfg[c][0], cfg[c][1]);
             kd_gc p = kd_gradcheck_project(g, y);
-            if (compile_ok(g, 1)) {
+            if (kd_gc_compile(g, 1, 42)) {
                 fill_node(x, 1.0f, 0.0f);
                 fill_node(w, 0.5f, 0.0f);
                 if (b) fill_node(b, 0.1f, 0.0f);
@@ -178,7 +164,7 @@ static void gc_pool(void) {
             kd_node *x = param(g, "x", 4, cfg[c][2], 3, 7, 5);
             kd_node *y = kd_maxpool2d(g, x, cfg[c][0], cfg[c][1]);
             kd_gc p = kd_gradcheck_project(g, y);
-            if (compile_ok(g, 1)) {
+            if (kd_gc_compile(g, 1, 42)) {
                 fill_spread(x, 0.05f); /* neighbours 0.05 apart, step 0.01: argmax never moves */
                 gc(g, &p, &x, 1, 1e-2, 1, "maxpool");
             }
@@ -192,7 +178,7 @@ static void gc_pool(void) {
             kd_node *x = param(g, "x", 4, c == 3 ? 1 : 2, 3, 7, 5);
             kd_node *y = c < 3 ? kd_avgpool2d(g, x, cfg[c][0], cfg[c][1]) : kd_global_avgpool(g, x);
             kd_gc p = kd_gradcheck_project(g, y);
-            if (compile_ok(g, 1)) {
+            if (kd_gc_compile(g, 1, 42)) {
                 fill_node(x, 1.0f, 0.0f);
                 gc(g, &p, &x, 1, 1e-2, 1, c < 3 ? "avgpool" : "global avgpool");
             }
@@ -210,7 +196,7 @@ static void gc_bn_case(int ndim, const int *shape, int training, int fused) {
     kd_node *x = kd_param(g, "x", ndim, shape, KD_INIT_ZERO, 1);
     kd_node *y = fused ? kd_bn_relu(g, "bn", x) : kd_bn(g, "bn", x);
     kd_gc p = kd_gradcheck_project(g, y);
-    if (compile_ok(g, 1)) {
+    if (kd_gc_compile(g, 1, 42)) {
         kd_node *ga = kd_graph_find(g, "bn.weight"), *be = kd_graph_find(g, "bn.bias");
         kd_node *rm = kd_graph_find(g, "bn.running_mean"), *rv = kd_graph_find(g, "bn.running_var");
         int B = shape[0], C = shape[1], S = ndim == 4 ? shape[2] * shape[3] : 1, N = B * S;
@@ -273,8 +259,8 @@ static void gc_elementwise(void) {
             kd_node *x = param(g, "x", 3, 3, 4, 5);
             kd_node *y = which == 0 ? kd_relu(g, x) : which == 1 ? kd_gelu(g, x) : kd_scale(g, x, -1.7f);
             kd_gc p = kd_gradcheck_project(g, y);
-            if (compile_ok(g, 1)) {
-                fill_away_from_zero(x, 1.5f, 0.05f);
+            if (kd_gc_compile(g, 1, 42)) {
+                kd_gc_fill_away(&rng, x, 1.5f, 0.05f);
                 gc(g, &p, &x, 1, 1e-2, 1, which == 0 ? "relu" : which == 1 ? "gelu" : "scale");
             }
             kd_graph_free(g);
@@ -285,7 +271,7 @@ static void gc_elementwise(void) {
         kd_node *a = param(g, "a", 3, 2, 3, 4), *b = param(g, "b", 3, 2, 3, 4);
         kd_node *y = kd_add(g, kd_add(g, a, b), kd_add(g, a, a)); /* 3a + b */
         kd_gc p = kd_gradcheck_project(g, y);
-        if (compile_ok(g, 1)) {
+        if (kd_gc_compile(g, 1, 42)) {
             fill_node(a, 1.0f, 0.0f);
             fill_node(b, 1.0f, 0.0f);
             kd_node *wrt[2] = {a, b};
@@ -304,7 +290,7 @@ static void gc_elementwise(void) {
             kd_node *x = param(g, "x", 2, 4, 9);
             kd_node *y = kd_dropout(g, x, 0.3f);
             kd_gc p = kd_gradcheck_project(g, y);
-            if (compile_ok(g, 1)) {
+            if (kd_gc_compile(g, 1, 42)) {
                 fill_node(x, 1.0f, 0.0f);
                 kd_graph_set_step(g, 17);
                 /* the mask depends only on (seed, step, node, row): repeated
@@ -357,7 +343,7 @@ static void gc_layout(void) {
                 y = kd_flatten(g, a);
             }
             kd_gc p = kd_gradcheck_project(g, y);
-            if (compile_ok(g, 1)) {
+            if (kd_gc_compile(g, 1, 42)) {
                 fill_node(a, 1.0f, 0.0f);
                 if (b) fill_node(b, 1.0f, 0.0f);
                 if (c == 2) fill_node(kd_graph_find(g, "w"), 1.0f, 0.0f);
@@ -378,7 +364,7 @@ static void gc_softmax(void) {
                                       : param(g, "x", 2, 1, 7);
             kd_node *y = c < 3 ? kd_softmax(g, x) : kd_log_softmax(g, x);
             kd_gc p = kd_gradcheck_project(g, y);
-            if (compile_ok(g, 1)) {
+            if (kd_gc_compile(g, 1, 42)) {
                 fill_node(x, 2.0f, 0.0f);
                 gc(g, &p, &x, 1, 1e-2, 1, c < 3 ? "softmax" : "log_softmax");
             }
@@ -399,7 +385,7 @@ static void gc_ce(void) {
             kd_node *z = param(g, "z", 2, R, 7), *lab = kd_input(g, "labels", 1, ls);
             kd_node *loss = kd_cross_entropy(g, z, lab, smooth[c]);
             kd_gc p = kd_gradcheck_project(g, loss);
-            if (compile_ok(g, R)) {
+            if (kd_gc_compile(g, R, 42)) {
                 fill_node(z, 2.0f, 0.0f);
                 memcpy(lab->val.data, labels[c], (size_t)R * sizeof(float));
                 gc(g, &p, &z, 1, 1e-2, 1, "cross-entropy");
@@ -423,7 +409,7 @@ static void gc_reduce(void) {
             /* a GELU in front so the gradient is not constant */
             kd_node *y = c ? kd_sum(g, kd_gelu(g, x)) : kd_mean(g, kd_gelu(g, x));
             kd_gc p = kd_gradcheck_project(g, y);
-            if (compile_ok(g, 1)) {
+            if (kd_gc_compile(g, 1, 42)) {
                 fill_node(x, 1.0f, 0.0f);
                 gc(g, &p, &x, 1, 1e-2, 1, c ? "sum" : "mean");
             }
@@ -445,7 +431,7 @@ static void gc_composite(void) {
             kd_node *f = kd_dropout(g, kd_flatten(g, kd_avgpool2d(g, c, 2, 2)), 0.2f);
             kd_node *loss = kd_cross_entropy(g, kd_dense(g, "fc", f, 4), lab, 0.1f);
             kd_gc p = kd_gradcheck_project(g, loss);
-            if (compile_ok(g, 2)) {
+            if (kd_gc_compile(g, 2, 42)) {
                 fill_node(x, 1.0f, 0.0f);
                 const char *names[8] = {"c1.weight", "c1.bias", "bn.weight", "bn.bias",
                                         "c2.weight", "c2.bias", "fc.weight", "fc.bias"};
@@ -518,7 +504,7 @@ static void values_conv_matmul(void) {
             kd_node *x = param(g, "x", 4, B, C, H, W), *w = param(g, "w", 4, OC, C, K, K), *b = param(g, "b", 1, OC);
             kd_node *y = kd_conv2d(g, x, w, b, stride, pad);
             kd_gc p = kd_gradcheck_project(g, y);
-            if (!compile_ok(g, 1)) {
+            if (!kd_gc_compile(g, 1, 42)) {
                 kd_graph_free(g);
                 continue;
             }
@@ -564,7 +550,7 @@ static void values_conv_matmul(void) {
             kd_node *x = kd_input(g, "x", 4, xs);
             kd_node *y = kd_conv(g, "c", x, 5, 3, 2, 1, 1);
             kd_gc p = kd_gradcheck_project(g, y);
-            if (compile_ok(g, 7)) {
+            if (kd_gc_compile(g, 7, 42)) {
                 kd_rng_seed(&rng, 77);
                 fill_node(x, 1.0f, 0.0f);
                 kd_gradcheck_randomize(&p, 3);
@@ -594,7 +580,7 @@ static void values_conv_matmul(void) {
         int xs[3] = {3, 5, 13};
         kd_node *x = kd_input(g, "x", 3, xs), *w = param(g, "w", 2, 11, 13), *b = param(g, "b", 1, 11);
         kd_node *y = kd_matmul(g, x, w, b);
-        if (compile_ok(g, 3)) {
+        if (kd_gc_compile(g, 3, 42)) {
             CHECK(y->val.ndim == 3 && y->val.shape[0] == 3 && y->val.shape[1] == 5 && y->val.shape[2] == 11);
             fill_node(x, 1.0f, 0.0f);
             fill_node(w, 0.3f, 0.0f);
@@ -619,7 +605,7 @@ static void values_pool(void) {
         kd_node *x = param(g, "x", 4, 2, 3, 7, 5);
         kd_node *mp = kd_maxpool2d(g, x, 3, 2), *ap = kd_avgpool2d(g, x, 2, 2), *gp = kd_global_avgpool(g, x);
         kd_node *tot = kd_add(g, kd_sum(g, mp), kd_add(g, kd_sum(g, ap), kd_sum(g, gp)));
-        if (compile_ok(g, 1)) {
+        if (kd_gc_compile(g, 1, 42)) {
             CHECK(mp->val.shape[2] == 3 && mp->val.shape[3] == 2 && ap->val.shape[2] == 3 && ap->val.shape[3] == 2);
             CHECK(gp->val.ndim == 2 && gp->val.shape[0] == 2 && gp->val.shape[1] == 3);
             fill_node(x, 1.0f, 0.0f);
@@ -671,7 +657,7 @@ static void values_bn(void) {
             kd_node *x = kd_input(g, "x", nd, nd == 4 ? xs4 : xs2);
             kd_node *y = kd_bn(g, "bn", x);
             y->flags |= KD_F_KEEP;
-            if (!compile_ok(g, nd == 4 ? 3 : 6)) {
+            if (!kd_gc_compile(g, nd == 4 ? 3 : 6, 42)) {
                 kd_graph_free(g);
                 continue;
             }
@@ -744,7 +730,7 @@ static void values_bn_relu(void) {
                 x[f] = kd_param(g[f], "x", 4, xs, KD_INIT_ZERO, 1);
                 y[f] = f ? kd_bn_relu(g[f], "bn", x[f]) : kd_relu(g[f], kd_bn(g[f], "bn", x[f]));
                 p[f] = kd_gradcheck_project(g[f], y[f]);
-                ok &= compile_ok(g[f], 1);
+                ok &= kd_gc_compile(g[f], 1, 42);
             }
             if (ok) {
                 fill_node(x[0], 1.0f, 0.2f);
@@ -776,7 +762,7 @@ static void values_bn_relu(void) {
         kd_graph *g = kd_graph_new();
         int xs[2] = {64, 3};
         kd_node *x = kd_input(g, "x", 2, xs), *y = kd_bn(g, "bn", x);
-        if (compile_ok(g, 64)) {
+        if (kd_gc_compile(g, 64, 42)) {
             fill_node(x, 0.01f, 10.0f);
             kd_graph_forward(g, 1);
             kd_node *rv = kd_graph_find(g, "bn.running_var");
@@ -810,7 +796,7 @@ static void values_act(void) {
         kd_node *rsh = kd_reshape(g, x, 2, rs);
         kd_node *keep[6] = {r, ge, sc, ad, cat, rsh};
         for (int i = 0; i < 6; i++) keep[i]->flags |= KD_F_KEEP;
-        if (compile_ok(g, 2)) {
+        if (kd_gc_compile(g, 2, 42)) {
             fill_node(x, 3.0f, 0.0f);
             fill_node(x2, 1.0f, 0.0f);
             kd_graph_forward(g, 1);
@@ -843,7 +829,7 @@ static void values_act(void) {
         kd_graph *g = kd_graph_new();
         kd_node *x = param(g, "x", 2, 3, 11);
         kd_node *s = kd_sum(g, kd_gelu(g, x));
-        if (compile_ok(g, 1)) {
+        if (kd_gc_compile(g, 1, 42)) {
             for (int i = 0; i < 33; i++) x->val.data[i] = -5.0f + 10.0f * (float)i / 32.0f;
             kd_graph_forward(g, 1);
             kd_graph_backward(g, s);
@@ -868,12 +854,12 @@ static void values_dropout(void) {
             int xs[2] = {8, 5000}; /* 40000 elements: the OpenMP path */
             kd_node *x = kd_input(g, "x", 2, xs);
             kd_node *y = kd_dropout(g, x, p);
-            if (!compile_ok(g, 8)) {
+            if (!kd_gc_compile(g, 8, 42)) {
                 kd_graph_free(g);
                 continue;
             }
             kd_rng_seed(&rng, 4);
-            fill_away_from_zero(x, 1.0f, 0.1f);
+            kd_gc_fill_away(&rng, x, 1.0f, 0.1f);
             kd_graph_set_step(g, 3);
             kd_graph_forward(g, 1);
             long zeros = 0, badscale = 0;
@@ -921,7 +907,7 @@ static void values_softmax_ce(void) {
         kd_node *sm = kd_softmax(g, x), *ls = kd_log_softmax(g, x);
         sm->flags |= KD_F_KEEP;
         ls->flags |= KD_F_KEEP;
-        if (compile_ok(g, 4)) {
+        if (kd_gc_compile(g, 4, 42)) {
             fill_node(x, 3.0f, 0.0f);
             for (int k = 0; k < 9; k++)
                 x->val.data[27 + k] = 1000.0f + (float)k * 3.0f; /* overflow without max-subtraction */
@@ -954,7 +940,7 @@ static void values_softmax_ce(void) {
             kd_node *zp = kd_add(g, z, param(g, "bias_zero", 2, 6, 5)); /* gives z a gradient */
             float eps = c < 3 ? eps_s[c] : 0.1f;
             kd_node *loss = kd_cross_entropy(g, zp, lab, eps);
-            if (!compile_ok(g, 6)) {
+            if (!kd_gc_compile(g, 6, 42)) {
                 kd_graph_free(g);
                 continue;
             }
@@ -997,7 +983,7 @@ static void values_softmax_ce(void) {
         kd_node *x = kd_input(g, "x", 3, xs);
         kd_node *m = kd_mean(g, x), *s = kd_sum(g, x);
         m->flags |= KD_F_KEEP;
-        if (compile_ok(g, 3)) {
+        if (kd_gc_compile(g, 3, 42)) {
             fill_node(x, 1.0f, 0.5f);
             kd_graph_forward(g, 1);
             double t = 0;
@@ -1021,7 +1007,7 @@ static void values_large(void) {
         kd_node *sm = kd_softmax(g, kd_reshape(g, x, 2, rs));
         kd_node *keep[5] = {bn, ge, mp, ap, sm};
         for (int i = 0; i < 5; i++) keep[i]->flags |= KD_F_KEEP;
-        if (compile_ok(g, 16)) {
+        if (kd_gc_compile(g, 16, 42)) {
             fill_node(x, 1.0f, 0.2f);
             kd_graph_forward(g, 1);
             int n = 16 * 8 * 324, bad_bn = 0, bad_ge = 0, bad_pool = 0, bad_sm = 0;
@@ -1157,7 +1143,7 @@ static void fx_conv(const kd_safetensors *st, const char *prefix, int B, int str
     kd_node *x = param(g, "x", 4, B, 3, 7, 5), *w = param(g, "w", 4, 4, 3, 3, 3), *b = param(g, "b", 1, 4);
     kd_node *y = kd_conv2d(g, x, w, b, stride, pad);
     kd_gc p = kd_gradcheck_project(g, y);
-    if (compile_ok(g, 1)) {
+    if (kd_gc_compile(g, 1, 42)) {
         kd_node *leaves[3] = {x, w, b};
         const char *names[3] = {"x", "w", "b"};
         int ok = 1;
@@ -1190,7 +1176,7 @@ static void fx_unary(const kd_safetensors *st, const char *prefix, int which) {
                  : which == 2 ? kd_gelu(g, x)
                               : kd_log_softmax(g, x);
     kd_gc p = kd_gradcheck_project(g, y);
-    if (compile_ok(g, 1)) {
+    if (kd_gc_compile(g, 1, 42)) {
         snprintf(key, sizeof key, "%s.x", prefix);
         int ok = fx_load(st, key, x);
         fx_projection(st, prefix, &p);
@@ -1211,7 +1197,7 @@ static void fx_linear(const kd_safetensors *st) {
     kd_node *x = param(g, "x", 3, 2, 3, 5), *w = param(g, "w", 2, 4, 5), *b = param(g, "b", 1, 4);
     kd_node *y = kd_matmul(g, x, w, b);
     kd_gc p = kd_gradcheck_project(g, y);
-    if (compile_ok(g, 1)) {
+    if (kd_gc_compile(g, 1, 42)) {
         int ok = fx_load(st, "linear.x", x) & fx_load(st, "linear.w", w) & fx_load(st, "linear.b", b);
         fx_projection(st, "linear", &p);
         if (ok) {
@@ -1233,7 +1219,7 @@ static void fx_bn(const kd_safetensors *st, const char *prefix, int ndim, const 
     kd_node *x = kd_param(g, "x", ndim, shape, KD_INIT_ZERO, 1);
     kd_node *y = kd_bn(g, "bn", x);
     kd_gc p = kd_gradcheck_project(g, y);
-    if (compile_ok(g, 1)) {
+    if (kd_gc_compile(g, 1, 42)) {
         kd_node *leaves[3] = {x, kd_graph_find(g, "bn.weight"), kd_graph_find(g, "bn.bias")};
         const char *names[3] = {"x", "weight", "bias"};
         int ok = 1;
@@ -1276,7 +1262,7 @@ static void fx_ce(const kd_safetensors *st) {
     int ls[1] = {5};
     kd_node *z = param(g, "z", 2, 5, 7), *lab = kd_input(g, "labels", 1, ls);
     kd_node *loss = kd_cross_entropy(g, z, lab, 0.1f);
-    if (compile_ok(g, 5)) {
+    if (kd_gc_compile(g, 5, 42)) {
         if (fx_load(st, "ce.logits", z) & fx_load(st, "ce.labels", lab)) {
             CHECK(lab->val.data[2] == -1.0f); /* the fixture's ignored row */
             kd_graph_forward(g, 1);
@@ -1298,7 +1284,7 @@ static void fx_cnn(const kd_safetensors *st, int fused) {
     kd_node *logits = kd_dense(g, "cnn.fc", h, 5);
     logits->flags |= KD_F_KEEP;
     kd_node *loss = kd_cross_entropy(g, logits, lab, 0.0f);
-    if (!compile_ok(g, 3)) {
+    if (!kd_gc_compile(g, 3, 42)) {
         kd_graph_free(g);
         return;
     }
@@ -1386,7 +1372,7 @@ static void planner_frozen(void) {
         ls->flags |= KD_F_KEEP;
         kd_node *lossS = kd_cross_entropy(gs, ls, ys_, 0.0f);
 
-        if (compile_ok(g, 4) && compile_ok(gt, 4) && compile_ok(gs, 4)) {
+        if (kd_gc_compile(g, 4, 42) && kd_gc_compile(gt, 4, 42) && kd_gc_compile(gs, 4, 42)) {
             int frozen = 0, leaks = 0;
             for (int i = 0; i < kd_graph_n_nodes(g); i++) {
                 kd_node *n = kd_graph_node(g, i);
@@ -1479,7 +1465,7 @@ static void planner_batch(void) {
     TEST("changing the batch (5 -> 3 -> 5) changes no result") {
         kd_node *x, *y, *lg, *loss, *x3, *y3, *lg3, *loss3;
         kd_graph *g = batch_net(5, &x, &y, &lg, &loss), *h = batch_net(3, &x3, &y3, &lg3, &loss3);
-        if (compile_ok(g, 5) && compile_ok(h, 3)) {
+        if (kd_gc_compile(g, 5, 42) && kd_gc_compile(h, 3, 42)) {
             fill_normal(kd_graph_param_data(g), (int64_t)kd_graph_param_count(g), 0.4f, 0.0f);
             kd_node *rv = kd_graph_find(g, "bn.running_var");
             for (int c = 0; c < 3; c++) rv->val.data[c] = 0.5f + kd_rng_uniform(&rng);
