@@ -415,6 +415,20 @@ static const struct {
     {"train", "smoothing", "0.1"},
     {"train", "log_every", "9"},
     {"train", "eval_every", "5"},
+    {"lm", "steps", "321"},
+    {"lm", "teacher_steps", "654"},
+    {"lm", "seq", "64"},
+    {"lm", "val_frac", "0.1"},
+    {"lm", "tokenizer", "tok.json"},
+    {"lm", "warmup", "7"},
+    {"lm", "eval_every", "50"},
+    {"lm", "eval_windows", "16"},
+    {"lm", "onpolicy", "0.5"},
+    {"lm", "prompt", "8"},
+    {"lm", "seqkd", "128"},
+    {"lm", "temperature", "0.7"},
+    {"lm", "top_k", "40"},
+    {"lm", "top_p", "0.9"},
 };
 #define N_KEYS ((int)(sizeof all_keys / sizeof all_keys[0]))
 

@@ -7,6 +7,7 @@
 
 #include "cli/cli.h"
 #include "kd_cache.h"
+#include "kd_lm.h"
 #include "kd_train.h"
 
 static cli_opt cache_opts[] = {
@@ -21,6 +22,10 @@ static cli_opt cache_opts[] = {
     {"--limit", "N", "only the first N examples", NULL},
     {"--batch", "N", "batch size (default 256)", NULL},
     {"--threads", "N", "threads (default: all cores)", NULL},
+    {"--seq", "T", "language models: window length (default: the model's context)", NULL},
+    {"--temperature", "T", "language models: temperature of the stored log-probabilities (default 1)", NULL},
+    {"--tokenizer", "FILE", "language models: the BPE tokenizer of the data (default: the checkpoint's, or bytes)", NULL},
+    {"--val", "F", "language models: validation fraction held out, as the run's [lm] val_frac (default 0.05)", NULL},
 };
 
 static cli_cmd cache_cmd = {
@@ -31,15 +36,72 @@ static cli_cmd cache_cmd = {
              "With --views, one record per augmented view and epoch; the view is stored too.",
     .examples = "  distill cache runs/fashion_teacher/teacher.safetensors --out runs/teacher.cache\n"
                 "  distill cache runs/fashion_teacher/teacher.safetensors --topk 3 --out runs/teacher_top3.cache\n"
-                "  distill cache runs/fashion_teacher/teacher.safetensors --views 8 --crop 2 --flip 1 --out runs/aug.cache\n",
+                "  distill cache runs/fashion_teacher/teacher.safetensors --views 8 --crop 2 --flip 1 --out runs/aug.cache\n"
+                "  distill cache runs/lm_teacher/teacher.safetensors --data text --topk 16 --out runs/lm_top16.cache\n",
     .opts = cache_opts,
-    .n_opts = 11,
+    .n_opts = 15,
 };
 
 static kd_status opt_int(const char *name, int lo, int hi, int def, int *out) {
     const char *v = cli_get(&cache_cmd, name);
     *out = def;
     return v ? cli_parse_int(name, v, lo, hi, out) : KD_OK;
+}
+
+/* the language-model cache: top-k log-probabilities per position */
+static int cache_lm(const char *ckpt, const char *spec, int k, int batch, int limit) {
+    const char *out = cli_get(&cache_cmd, "--out"), *tokp = cli_get(&cache_cmd, "--tokenizer");
+    const char *vs = cli_get(&cache_cmd, "--val"), *Ts = cli_get(&cache_cmd, "--temperature");
+    float T = Ts ? strtof(Ts, NULL) : 1.0f, vf = vs ? strtof(vs, NULL) : 0.05f;
+    int seq = 0;
+    kd_status st = KD_OK;
+    if (!(T > 0.0f)) st = kd_errorf(KD_EUSAGE, "--temperature must be > 0");
+    if (st == KD_OK && !(vf > 0.0f && vf <= 0.5f)) st = kd_errorf(KD_EUSAGE, "--val must be in (0, 0.5]");
+    if (st == KD_OK && k < 1) st = kd_errorf(KD_EUSAGE, "language models need --topk K (e.g. 16)");
+    if (st == KD_OK) st = opt_int("--seq", 0, 1 << 16, 0, &seq);
+    kd_safetensors ck;
+    memset(&ck, 0, sizeof ck);
+    kd_tokenizer tok;
+    int bpe = 0;
+    kd_text_data d;
+    memset(&d, 0, sizeof d);
+    if (st == KD_OK) st = kd_st_read(ckpt, &ck);
+    if (st == KD_OK) {
+        const char *model = kd_st_meta(&ck, "model"), *tj = kd_st_meta(&ck, "tokenizer");
+        kd_gpt_cfg g;
+        if (!model || !kd_st_meta(&ck, "vocab"))
+            st = kd_errorf(KD_EFORMAT, "%s: not a language-model checkpoint", ckpt);
+        if (st == KD_OK) st = kd_gpt_cfg_parse(model, atoi(kd_st_meta(&ck, "vocab")), &g);
+        if (st == KD_OK && seq == 0) seq = g.ctx;
+        if (st == KD_OK && (seq < 2 || seq > g.ctx)) st = kd_errorf(KD_EUSAGE, "--seq must be in [2, %d]", g.ctx);
+        if (st == KD_OK && tokp) {
+            st = kd_tokenizer_load(&tok, tokp);
+            bpe = st == KD_OK;
+        } else if (st == KD_OK && tj) {
+            st = kd_tokenizer_from_json(&tok, tj, ckpt);
+            bpe = st == KD_OK;
+        }
+    }
+    kd_st_free(&ck);
+    if (st == KD_OK) st = kd_text_load(&d, spec, bpe ? &tok : NULL, vf);
+    double secs = 0;
+    if (st == KD_OK) st = kd_lm_cache_build(ckpt, &d, seq, k, T, batch, limit, out, &secs);
+    if (st == KD_OK) {
+        struct stat sb;
+        long long bytes = stat(out, &sb) == 0 ? (long long)sb.st_size : -1;
+        int64_t n = (int64_t)kd_text_n_windows(&d, 0, seq);
+        if (limit > 0 && n > limit) n = limit;
+        printf("%s: %lld windows x %d positions, top-%d log-probs at T=%g, %.1f MB (%.1f bytes/position; full F32 "
+               "logits: %d), built in %.1f s\n",
+               out, (long long)n, seq, k, (double)T, bytes / 1e6, (double)bytes / (double)(n * seq), 4 * d.vocab, secs);
+    }
+    if (bpe) kd_tokenizer_free(&tok);
+    kd_text_free(&d);
+    if (st != KD_OK) {
+        fprintf(stderr, "distill: error: %s\n", kd_error_message());
+        return st == KD_EUSAGE ? 2 : 1;
+    }
+    return 0;
 }
 
 int cmd_cache(int argc, char **argv) {
@@ -71,6 +133,7 @@ int cmd_cache(int argc, char **argv) {
     o.seed = (uint64_t)seed;
     cli_set_threads(threads);
     const char *spec = cli_get(&cache_cmd, "--data") ? cli_get(&cache_cmd, "--data") : "fashion-mnist:train";
+    if (strncmp(spec, "text", 4) == 0) return cache_lm(pos[0], spec, o.topk, o.batch == 256 ? 16 : o.batch, limit);
     kd_dataset ds = {0};
     double secs = 0;
     st = kd_dataset_load(spec, &ds);

@@ -37,4 +37,9 @@ int cmd_loss(int argc, char **argv);
 int cmd_cache(int argc, char **argv);
 int cmd_export(int argc, char **argv);
 
+/* `distill run` for a text dataset (src/cli/run_lm.c); returns the exit code */
+struct kd_config;
+struct kd_log;
+int cli_run_lm(const struct kd_config *cfg, const char *dir, int threads, struct kd_log *log);
+
 #endif

@@ -512,6 +512,25 @@ int cmd_run(int argc, char **argv) {
         snprintf(path, sizeof path, "%s/config.ini", dir);
         st = kd_config_write(cfg, path);
     }
+    if (st == KD_OK && strncmp(kd_config_str(cfg, "data", "train"), "text", 4) == 0) {
+        /* a language model: its own pipeline */
+        threads = cli_set_threads(threads);
+        int quiet = cli_get(&run_cmd, "--quiet") != NULL;
+        snprintf(path, sizeof path, "%s/metrics.jsonl", dir);
+        metrics = fopen(path, "w");
+        int rc;
+        if (!metrics) {
+            kd_errorf(KD_EIO, "%s: cannot write: %s", path, strerror(errno));
+            rc = fail(KD_EIO);
+        } else {
+            kd_log log = {.metrics = metrics, .quiet = quiet, .tty = isatty(2)};
+            if (!quiet) fprintf(stderr, "distill: run '%s' -> %s (%d threads)\n", name, dir, threads);
+            rc = cli_run_lm(cfg, dir, threads, &log);
+            fclose(metrics);
+        }
+        kd_config_free(cfg);
+        return rc;
+    }
     if (st == KD_OK) st = load_data(cfg, &train, &test);
     if (st != KD_OK) {
         kd_config_free(cfg);

@@ -78,6 +78,20 @@ static const entry schema[] = {
     {"train", "smoothing", T_FLOAT, "0", "label smoothing of the cross-entropy"},
     {"train", "log_every", T_INT, "50", "steps between training-loss lines in metrics.jsonl"},
     {"train", "eval_every", T_INT, "1", "epochs between test-set evaluations (the last epoch always)"},
+    {"lm", "steps", T_INT, "1000", "language models: optimiser steps of each model trained"},
+    {"lm", "teacher_steps", T_INT, "0", "language models: steps when the teacher is trained here (0: [lm] steps)"},
+    {"lm", "seq", T_INT, "0", "language models: tokens per training window (0: the model's context)"},
+    {"lm", "val_frac", T_FLOAT, "0.05", "language models: fraction of documents held out for validation"},
+    {"lm", "tokenizer", T_STR, "", "language models: BPE tokenizer file (distill tokenize); empty: bytes"},
+    {"lm", "warmup", T_INT, "100", "language models: linear warm-up steps"},
+    {"lm", "eval_every", T_INT, "200", "language models: steps between validation evaluations (the last always)"},
+    {"lm", "eval_windows", T_INT, "0", "language models: validation windows per evaluation (0: all)"},
+    {"lm", "onpolicy", T_FLOAT, "0", "on-policy distillation: fraction of batches continued by the student (GKD)"},
+    {"lm", "prompt", T_INT, "32", "on-policy and sequence-level KD: data tokens before the sampled continuation"},
+    {"lm", "seqkd", T_INT, "0", "sequence-level KD: train the student on this many teacher-sampled windows (0: off)"},
+    {"lm", "temperature", T_FLOAT, "1", "sampling temperature for on-policy and sequence-level KD"},
+    {"lm", "top_k", T_INT, "0", "sampling top-k for on-policy and sequence-level KD (0: off)"},
+    {"lm", "top_p", T_FLOAT, "1", "sampling nucleus mass for on-policy and sequence-level KD (1: off)"},
 };
 #define N_SCHEMA ((int)(sizeof schema / sizeof schema[0]))
 

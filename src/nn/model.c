@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "kd_gpt.h"
 #include "kd_nn.h"
 
 static void tap(kd_model *m, kd_node *n, const char *name) {
@@ -247,6 +248,11 @@ kd_status kd_model_build(kd_graph *g, const char *spec, const char *prefix, kd_n
     if (kl - k0 >= sizeof kind) return kd_errorf(KD_ECONFIG, "model spec '%s': unknown model kind", spec);
     memcpy(kind, spec + k0, kl - k0);
     kind[kl - k0] = '\0';
+    if (strcmp(kind, "gpt") == 0) {
+        kd_gpt_cfg cfg;
+        kd_status gs = kd_gpt_cfg_parse(spec, n_classes, &cfg);
+        return gs != KD_OK ? gs : kd_gpt_build(g, &cfg, prefix, x, m);
+    }
     toks tk;
     kd_status st = tokenize(spec, colon + 1, &tk);
     if (st != KD_OK) return st;
@@ -254,5 +260,5 @@ kd_status kd_model_build(kd_graph *g, const char *spec, const char *prefix, kd_n
     if (strcmp(kind, "mlp") == 0) return build_mlp(g, spec, &tk, m, x, n_classes);
     if (strcmp(kind, "cnn") == 0) return build_cnn(g, spec, &tk, m, x, n_classes);
     if (strcmp(kind, "resnet") == 0) return build_resnet(g, spec, &tk, m, x, n_classes);
-    return kd_errorf(KD_ECONFIG, "model spec '%s': unknown model kind '%s' (expected mlp, cnn or resnet)", spec, kind);
+    return kd_errorf(KD_ECONFIG, "model spec '%s': unknown model kind '%s' (expected mlp, cnn, resnet or gpt)", spec, kind);
 }

@@ -1,0 +1,442 @@
+/* test_lm.c - language models end to end: the GPT graph against the
+ * incremental (KV-cache) path and PyTorch, gradients of the whole model,
+ * training, distillation, the top-k teacher cache, on-policy batches,
+ * sequence-level KD samples, and `distill run` / `cache` / `generate`. */
+#include <stdarg.h>
+#include <stdlib.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "gradcheck.h"
+#include "kd_io.h"
+#include "kd_lm.h"
+#include "test.h"
+
+static char dir[300], corpus[400];
+
+/* a corpus of short documents with learnable structure */
+static void write_corpus(void) {
+    snprintf(dir, sizeof dir, "%s/lm", kd_test_tmpdir());
+    mkdir(dir, 0755);
+    snprintf(corpus, sizeof corpus, "%s/corpus.txt", dir);
+    FILE *f = fopen(corpus, "w");
+    const char *words[] = {"cat", "dog", "bird", "fish", "cow"};
+    for (int i = 0; i < 400; i++) {
+        fprintf(f, "the %s sat on the %s and the %s ran. number %d.\n", words[i % 5], words[(i / 5) % 5],
+                words[(i * 3 + 1) % 5], i);
+        fprintf(f, "\n");
+    }
+    fclose(f);
+}
+
+static void fill_ids(kd_rng *r, kd_node *x, int V) {
+    for (int64_t i = 0; i < kd_numel(&x->val); i++) x->val.data[i] = (float)kd_rng_below(r, (uint32_t)V);
+}
+
+/* non-trivial LayerNorm parameters */
+static void perturb_ln(kd_lm *lm, kd_rng *r) {
+    for (int i = 0; i < kd_graph_n_state(lm->g); i++) {
+        kd_node *n = kd_graph_state(lm->g, i);
+        if (strstr(n->name, "ln_") || strstr(n->name, ".bias")) kd_gc_fill(r, n, 0.3f, strstr(n->name, "weight") ? 1.0f : 0.0f);
+    }
+}
+
+static void test_graph_vs_runner(void) {
+    TEST("gpt graph logits equal the KV-cache runner's at every position") {
+        const char *spec = "gpt: layers=2 dim=16 heads=2 ctx=8";
+        int V = 11, B = 3, T = 7;
+        kd_lm lm;
+        kd_lm_setup s = {.student = spec, .vocab = V, .seq = T, .max_batch = B};
+        CHECK_MSG(kd_lm_new(&lm, &s, 5) == KD_OK, "%s", kd_error_message());
+        if (!lm.g) break;
+        kd_rng r;
+        kd_rng_seed(&r, 3);
+        perturb_ln(&lm, &r);
+        fill_ids(&r, lm.x, V);
+        for (int i = 0; i < B * T; i++) lm.y->val.data[i] = 0;
+        kd_graph_set_batch(lm.g, B);
+        kd_graph_forward_to(lm.g, 0, lm.m.logits);
+        kd_gpt_cfg cfg;
+        CHECK(kd_gpt_cfg_parse(spec, V, &cfg) == KD_OK);
+        kd_lm_view view = {lm.g, &lm.m};
+        kd_gpt_runner *run = NULL;
+        CHECK_MSG(kd_gpt_runner_new(&run, &cfg, kd_lm_lookup, &view, B) == KD_OK, "%s", kd_error_message());
+        float logits[3 * 11], want[3 * 11];
+        int tok[3], bad = 0;
+        for (int t = 0; t < T && run; t++) {
+            for (int b = 0; b < B; b++) {
+                tok[b] = (int)lm.x->val.data[b * T + t];
+                memcpy(want + b * V, lm.m.logits->val.data + ((size_t)b * T + t) * V, V * sizeof(float));
+            }
+            kd_gpt_runner_step(run, B, tok, logits);
+            bad += !kd_test_close_arrays("logits", logits, want, B * V, 1e-4, 1e-4);
+        }
+        CHECK_MSG(run && bad == 0, "%d positions differ", bad);
+        kd_gpt_runner_free(run);
+        kd_lm_free(&lm);
+    }
+}
+
+static void test_gradients(void) {
+    TEST("gpt: finite-difference gradients through the whole model (tied head)") {
+        kd_graph *g = kd_graph_new();
+        int xs[2] = {2, 5};
+        kd_node *x = kd_input(g, "x", 2, xs);
+        kd_model m;
+        CHECK_MSG(kd_model_build(g, "gpt: layers=2 dim=8 heads=2 ctx=6", "", x, 7, &m) == KD_OK, "%s",
+                  kd_error_message());
+        kd_gc p = kd_gradcheck_project(g, m.logits);
+        if (!kd_gc_compile(g, 2, 11)) break;
+        kd_rng r;
+        kd_rng_seed(&r, 4);
+        fill_ids(&r, x, 7);
+        for (int i = 0; i < kd_graph_n_state(g); i++) { /* larger weights: a non-trivial function */
+            kd_node *n = kd_graph_state(g, i);
+            if (n->val.ndim == 2) kd_gc_fill(&r, n, 0.4f, 0.0f);
+            if (strstr(n->name, "ln_") && strstr(n->name, "weight")) kd_gc_fill(&r, n, 0.3f, 1.0f);
+        }
+        kd_gradcheck_randomize(&p, 9);
+        const char *names[] = {"wte.weight", "wpe.weight", "h.0.ln_1.weight", "h.0.attn.c_attn.weight",
+                               "h.1.attn.c_proj.bias", "h.1.mlp.c_fc.weight", "h.1.mlp.c_proj.weight", "ln_f.bias"};
+        kd_node *wrt[8];
+        int n = 0;
+        for (int i = 0; i < 8; i++)
+            if ((wrt[n] = kd_graph_find(g, names[i]))) n++;
+        CHECK_MSG(n == 8, "found %d of 8 parameters by their GPT-2 names", n);
+        double err = kd_gradcheck(g, &p, wrt, n, 1e-2, 1);
+        CHECK_MSG(err < 2e-2, "relative gradient error %g", err);
+        kd_graph_free(g);
+    }
+}
+
+static void test_pytorch_fixture(void) {
+    TEST("gpt graph reproduces PyTorch's logits (fixture from gen_gpt.py)") {
+        char fx[512];
+        kd_test_fixture("gpt_tiny.safetensors", fx, sizeof fx);
+        kd_safetensors st;
+        CHECK_MSG(kd_st_read(fx, &st) == KD_OK, "%s", kd_error_message());
+        if (!st.buf) break;
+        const char *spec = kd_st_meta(&st, "model");
+        int V = atoi(kd_st_meta(&st, "vocab") ? kd_st_meta(&st, "vocab") : "0");
+        const kd_st_tensor *tok = kd_st_find(&st, "test.tokens"), *lg = kd_st_find(&st, "test.logits");
+        CHECK(spec && V > 1 && tok && lg);
+        if (!spec || !tok || !lg || V < 2) {
+            kd_st_free(&st);
+            break;
+        }
+        int B = tok->ndim == 2 ? (int)tok->shape[0] : 1, T = (int)tok->shape[tok->ndim - 1];
+        kd_lm lm;
+        kd_lm_setup s = {.student = spec, .vocab = V, .seq = T, .max_batch = B};
+        CHECK_MSG(kd_lm_new(&lm, &s, 1) == KD_OK, "%s", kd_error_message());
+        if (lm.g) {
+            /* the fixture also holds test.* tensors: load the model's own by name */
+            int ok = 1;
+            for (int i = 0; i < kd_graph_n_state(lm.g); i++) {
+                kd_node *n = kd_graph_state(lm.g, i);
+                ok &= kd_st_get_f32(&st, n->name + 2, n->val.data, n->val.ndim, n->val.shape) == KD_OK;
+            }
+            CHECK_MSG(ok, "%s", kd_error_message());
+            float *ids = kd_malloc((size_t)B * T * sizeof(float)), *want = kd_malloc((size_t)B * T * V * sizeof(float));
+            CHECK(kd_st_get_f32(&st, "test.tokens", ids, tok->ndim, (int[]){B, T}) == KD_OK ||
+                  kd_st_get_f32(&st, "test.tokens", ids, 1, (int[]){T}) == KD_OK);
+            int lshape[3] = {B, T, V};
+            CHECK(kd_st_get_f32(&st, "test.logits", want, lg->ndim, lg->ndim == 3 ? lshape : lshape + 1) == KD_OK);
+            memcpy(lm.x->val.data, ids, (size_t)B * T * sizeof(float));
+            kd_graph_set_batch(lm.g, B);
+            kd_graph_forward_to(lm.g, 0, lm.m.logits);
+            CHECK_ARRAYS("logits vs torch", lm.m.logits->val.data, want, (long)B * T * V, 1e-5, 1e-4);
+            free(ids);
+            free(want);
+            kd_lm_free(&lm);
+        }
+        kd_st_free(&st);
+    }
+}
+
+/* trains a tiny model on the corpus; returns its checkpoint path in out */
+static kd_lm_train_opts tiny_opts(int64_t steps) {
+    kd_lm_train_opts o = {.steps = steps, .batch = 8, .seed = 1, .log_every = 0, .eval_every = 1000, .eval_windows = 16,
+                          .role = "test", .prompt = 8};
+    o.opt = (kd_optim_cfg){.kind = KD_OPTIM_ADAMW, .lr = 3e-3f, .beta1 = 0.9f, .beta2 = 0.99f, .eps = 1e-8f,
+                           .sched = KD_SCHED_COSINE, .step_epochs = 1, .gamma = 1.0f, .clip = 1.0f};
+    o.warmup_steps = 10;
+    o.sample = (kd_sample_opts){.temperature = 1.0f, .top_k = 0, .top_p = 1.0f};
+    return o;
+}
+
+static const char *TSPEC = "gpt: layers=1 dim=32 heads=2 ctx=24";
+static const char *SSPEC = "gpt: layers=1 dim=16 heads=2 ctx=24";
+
+static void test_train_and_distill(void) {
+    kd_text_data d;
+    char tck[512];
+    snprintf(tck, sizeof tck, "%s/teacher.safetensors", dir);
+    kd_log log = {0};
+    int have_teacher = 0;
+    TEST("lm: a tiny GPT learns the corpus (validation loss drops far below uniform)") {
+        char spec[512];
+        snprintf(spec, sizeof spec, "text:%s", corpus);
+        CHECK_MSG(kd_text_load(&d, spec, NULL, 0.1f) == KD_OK, "%s", kd_error_message());
+        CHECK(d.n_train > 1000 && d.n_val > 100);
+        kd_lm lm;
+        kd_lm_setup s = {.student = TSPEC, .vocab = d.vocab, .seq = 24, .max_batch = 8};
+        CHECK_MSG(kd_lm_new(&lm, &s, 2) == KD_OK, "%s", kd_error_message());
+        if (!lm.g) break;
+        kd_lm_eval_result e0 = kd_lm_evaluate(&lm, &d, 1, 8, 16, 0);
+        CHECK_CLOSE(e0.loss, log(256.0), 0.3, 0.0); /* small init: near uniform */
+        kd_lm_train_result tr;
+        kd_lm_train_opts o = tiny_opts(300);
+        CHECK_MSG(kd_lm_train(&lm, &d, &o, &log, &tr) == KD_OK, "%s", kd_error_message());
+        CHECK_MSG(tr.val.loss < 2.0 && tr.val.loss < e0.loss - 3.0, "val loss %g (from %g)", tr.val.loss, e0.loss);
+        CHECK_CLOSE(tr.val.ppl, exp(tr.val.loss), 0.0, 1e-9);
+        CHECK(kd_lm_save(lm.g, &lm.m, d.vocab, NULL, tck) == KD_OK);
+        /* round trip */
+        kd_lm lm2;
+        CHECK(kd_lm_new(&lm2, &s, 99) == KD_OK);
+        CHECK_MSG(kd_lm_load(lm2.g, &lm2.m, tck) == KD_OK, "%s", kd_error_message());
+        kd_lm_eval_result e1 = kd_lm_evaluate(&lm, &d, 1, 8, 16, 0), e2 = kd_lm_evaluate(&lm2, &d, 1, 8, 16, 0);
+        CHECK_CLOSE(e2.loss, e1.loss, 1e-6, 0.0);
+        kd_lm_free(&lm2);
+        kd_lm_free(&lm);
+        have_teacher = 1;
+    }
+    TEST("lm: distilling with fkl lowers KL(teacher || student) and raises agreement") {
+        if (!have_teacher) break;
+        kd_lm lm;
+        kd_lm_setup s = {.student = SSPEC, .loss = "fkl(T=1)", .n_teachers = 1, .teachers = {TSPEC},
+                         .vocab = d.vocab, .seq = 24, .max_batch = 8};
+        CHECK_MSG(kd_lm_new(&lm, &s, 3) == KD_OK, "%s", kd_error_message());
+        if (!lm.g) break;
+        CHECK_MSG(kd_lm_load(lm.g, &lm.teachers[0], tck) == KD_OK, "%s", kd_error_message());
+        kd_lm_eval_result e0 = kd_lm_evaluate(&lm, &d, 1, 8, 16, 1);
+        kd_lm_train_result tr;
+        kd_lm_train_opts o = tiny_opts(150);
+        CHECK_MSG(kd_lm_train(&lm, &d, &o, &log, &tr) == KD_OK, "%s", kd_error_message());
+        kd_lm_eval_result e1 = kd_lm_evaluate(&lm, &d, 1, 8, 16, 1);
+        CHECK_MSG(e1.kl < 0.5 * e0.kl && e1.agree > e0.agree + 0.2, "kl %g -> %g, agreement %g -> %g", e0.kl, e1.kl,
+                  e0.agree, e1.agree);
+        CHECK(e1.t_loss > 0 && e1.t_loss < 2.0); /* the teacher's own loss */
+        kd_lm_free(&lm);
+    }
+    TEST("lm: on-policy batches are the student's continuations, masked to the sampled positions") {
+        if (!have_teacher) break;
+        kd_lm lm;
+        kd_lm_setup s = {.student = SSPEC, .loss = "jsd(beta=0.5)", .n_teachers = 1, .teachers = {TSPEC},
+                         .vocab = d.vocab, .seq = 24, .max_batch = 8};
+        CHECK_MSG(kd_lm_new(&lm, &s, 3) == KD_OK, "%s", kd_error_message());
+        if (!lm.g) break;
+        CHECK(kd_lm_load(lm.g, &lm.teachers[0], tck) == KD_OK);
+        kd_lm_train_result tr;
+        kd_lm_train_opts o = tiny_opts(4);
+        o.onpolicy = 1.0f;
+        o.prompt = 6;
+        CHECK_MSG(kd_lm_train(&lm, &d, &o, &log, &tr) == KD_OK, "%s", kd_error_message());
+        CHECK(tr.onpolicy_batches == 4);
+        int ok = 1;
+        for (int b = 0; b < 8; b++)
+            for (int t = 0; t < 24; t++) {
+                ok &= lm.y->val.data[b * 24 + t] == -1.0f;
+                ok &= lm.mask->val.data[b * 24 + t] == (t >= 5 ? 1.0f : 0.0f);
+                ok &= lm.x->val.data[b * 24 + t] >= 0 && lm.x->val.data[b * 24 + t] < 256;
+            }
+        CHECK(ok);
+        kd_lm_free(&lm);
+    }
+    TEST("lm: sequence-level KD windows: a data prompt continued by the teacher, deterministic per seed") {
+        if (!have_teacher) break;
+        kd_gpt_cfg cfg;
+        kd_gpt_runner *run = NULL;
+        char *tj = NULL;
+        CHECK_MSG(kd_gpt_load(tck, &cfg, &run, &tj) == KD_OK, "%s", kd_error_message());
+        if (!run) break;
+        uint16_t a[5 * 25], b[5 * 25];
+        kd_sample_opts so = {.temperature = 0.8f, .top_k = 0, .top_p = 1.0f};
+        CHECK(kd_lm_sample_windows(run, &d, 5, 24, 6, 4, &so, 7, a) == KD_OK);
+        CHECK(kd_lm_sample_windows(run, &d, 5, 24, 6, 4, &so, 7, b) == KD_OK);
+        CHECK(memcmp(a, b, sizeof a) == 0);
+        /* each prompt is a run of 6 consecutive training tokens */
+        int found = 0;
+        for (int w = 0; w < 5; w++)
+            for (size_t i = 0; i + 6 <= d.n_train; i++) {
+                int eq = 1;
+                for (int t = 0; t < 6 && eq; t++) eq = d.train[i + t] == a[w * 25 + t];
+                if (eq) {
+                    found++;
+                    break;
+                }
+            }
+        CHECK_MSG(found == 5, "%d of 5 prompts found in the training text", found);
+        kd_gpt_runner_free(run);
+        free(tj);
+    }
+    TEST("lm cache: top-k log-probs, distinct ids, and a student trained from it moves toward the teacher") {
+        if (!have_teacher) break;
+        char cp[512];
+        snprintf(cp, sizeof cp, "%s/top8.cache", dir);
+        double secs;
+        CHECK_MSG(kd_lm_cache_build(tck, &d, 24, 8, 1.0f, 8, 40, cp, &secs) == KD_OK, "%s", kd_error_message());
+        kd_lm_cache c;
+        CHECK_MSG(kd_lm_cache_open(cp, &c) == KD_OK, "%s", kd_error_message());
+        if (!c.own) break;
+        CHECK(c.n == 40 && c.k == 8 && c.seq == 24 && c.vocab == 256);
+        /* log-probs sorted descending, total mass <= 1, and the window tokens are the data's */
+        int ok = 1;
+        for (int64_t r = 0; r < c.n * 24; r++) {
+            double mass = 0;
+            for (int j = 0; j < 8; j++) {
+                float v = kd_f16_to_f32(c.w.logp[r * 8 + j]);
+                mass += exp(v);
+                if (j) ok &= v <= kd_f16_to_f32(c.w.logp[r * 8 + j - 1]);
+            }
+            ok &= mass <= 1.0 + 1e-2 && mass > 0.5;
+        }
+        CHECK(ok);
+        float x[24], y[24];
+        kd_text_window(&d, 0, 3, 24, x, y);
+        int same = 1;
+        for (int t = 0; t < 24; t++) same &= c.w.tokens[3 * 25 + t] == (uint16_t)x[t];
+        CHECK(same && c.w.tokens[3 * 25 + 24] == (uint16_t)y[23]);
+        kd_lm lm;
+        kd_lm_setup s = {.student = SSPEC, .loss = "ce(weight=0.5) + fkl(weight=0.5)", .cache_k = 8, .cache_T = 1.0f,
+                         .vocab = 256, .seq = 24, .max_batch = 8};
+        CHECK_MSG(kd_lm_new(&lm, &s, 3) == KD_OK, "%s", kd_error_message());
+        if (lm.g) {
+            kd_lm_train_result tr;
+            kd_lm_train_opts o = tiny_opts(120);
+            o.windows = &c.w;
+            float first = 0;
+            CHECK_MSG(kd_lm_train(&lm, &d, &o, &log, &tr) == KD_OK, "%s", kd_error_message());
+            first = lm.terms.terms[1].value->val.data[0];
+            CHECK_MSG(first < 1.0 && tr.val.loss < 3.5, "cached fkl %g, val loss %g", first, tr.val.loss);
+            kd_lm_free(&lm);
+        }
+        /* a loss temperature other than the cache's is refused */
+        s.loss = "fkl(T=2)";
+        CHECK(kd_lm_new(&lm, &s, 3) == KD_ECONFIG && strstr(kd_error_message(), "temperature"));
+        s.loss = "dkd";
+        CHECK(kd_lm_new(&lm, &s, 3) == KD_ECONFIG);
+        kd_lm_cache_close(&c);
+        /* a corrupted cache: a repeated id at one position */
+        kd_safetensors st;
+        CHECK(kd_st_read(cp, &st) == KD_OK);
+        kd_st_writer *w = kd_st_writer_new();
+        for (int i = 0; i < st.n; i++) {
+            kd_st_tensor *t = &st.tensors[i];
+            uint8_t *copy = kd_malloc(t->nbytes);
+            memcpy(copy, t->data, t->nbytes);
+            if (strcmp(t->name, "lm.ids") == 0) memcpy(copy + 2, copy, 2);
+            kd_st_add(w, t->name, t->dtype, t->ndim, t->shape, copy);
+            free(copy);
+        }
+        for (int i = 0; i < st.n_meta; i++) kd_st_set_meta(w, st.meta_keys[i], st.meta_vals[i]);
+        char bad[512];
+        snprintf(bad, sizeof bad, "%s/bad.cache", dir);
+        CHECK(kd_st_write(w, bad) == KD_OK);
+        kd_st_writer_free(w);
+        kd_st_free(&st);
+        CHECK(kd_lm_cache_open(bad, &c) == KD_EFORMAT && strstr(kd_error_message(), "bad.cache") &&
+              strstr(kd_error_message(), "repeated"));
+    }
+    kd_text_free(&d);
+}
+
+/* ---------------------------------------------------------------- CLI */
+
+static int sh(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static int sh(const char *fmt, ...) {
+    char cmd[4096];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(cmd, sizeof cmd, fmt, ap);
+    va_end(ap);
+    int rc = system(cmd);
+    return WIFEXITED(rc) ? WEXITSTATUS(rc) : 128;
+}
+
+static char *slurp(const char *path) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    fseek(f, 0, SEEK_END);
+    long n = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    char *b = kd_malloc((size_t)n + 1);
+    b[fread(b, 1, (size_t)n, f)] = '\0';
+    fclose(f);
+    return b;
+}
+
+static void test_cli(void) {
+    const char *bin = getenv("KD_DISTILL") ? getenv("KD_DISTILL") : "build/distill";
+    char ini[512], out[512];
+    snprintf(ini, sizeof ini, "%s/tiny.ini", dir);
+    snprintf(out, sizeof out, "%s/runs", dir);
+    FILE *f = fopen(ini, "w");
+    fprintf(f,
+            "[run]\nname = tiny\nout = %s\n[data]\ntrain = text:%s\n[teacher]\nmodel = %s\n[student]\nmodel = %s\n"
+            "[distill]\nloss = ce(weight=0.5) + rkl(weight=0.5)\n[lm]\nsteps = 40\nseq = 24\nval_frac = 0.1\n"
+            "eval_every = 20\neval_windows = 8\nwarmup = 5\n[train]\nbatch = 8\noptimizer = adamw\nlr = 3e-3\n"
+            "clip = 1\nlog_every = 10\n",
+            out, corpus, TSPEC, SSPEC);
+    fclose(f);
+    TEST("distill run on text: teacher, baseline and student with validation loss and agreement") {
+        int rc = sh("%s run %s --quiet --threads 1 > %s/run.out 2> %s/run.err", bin, ini, dir, dir);
+        CHECK_MSG(rc == 0, "exit %d", rc);
+        char p[700];
+        snprintf(p, sizeof p, "%s/tiny/summary.json", out);
+        char *s = slurp(p);
+        CHECK_MSG(s && strstr(s, "\"teacher\"") && strstr(s, "\"baseline\"") && strstr(s, "\"student\"") &&
+                      strstr(s, "\"val_ppl\"") && strstr(s, "\"agreement\""),
+                  "%s", s ? s : "(no summary)");
+        free(s);
+        snprintf(p, sizeof p, "%s/tiny/metrics.jsonl", out);
+        s = slurp(p);
+        CHECK(s && strstr(s, "\"role\":\"student\"") && strstr(s, "\"val_loss\""));
+        free(s);
+    }
+    TEST("distill generate continues a prompt from the run's student, same seed same text") {
+        int a = sh("%s generate %s/tiny/student.safetensors --prompt 'the cat' --tokens 30 --seed 3 > %s/g1.txt 2>&1",
+                   bin, out, dir);
+        int b = sh("%s generate %s/tiny/student.safetensors --prompt 'the cat' --tokens 30 --seed 3 > %s/g2.txt 2>&1",
+                   bin, out, dir);
+        CHECK(a == 0 && b == 0);
+        char p1[600], p2[600];
+        snprintf(p1, sizeof p1, "%s/g1.txt", dir);
+        snprintf(p2, sizeof p2, "%s/g2.txt", dir);
+        char *s1 = slurp(p1), *s2 = slurp(p2);
+        CHECK(s1 && s2 && strcmp(s1, s2) == 0 && strncmp(s1, "the cat", 7) == 0);
+        free(s1);
+        free(s2);
+    }
+    TEST("distill cache (LM) then a cached run") {
+        int rc = sh("%s cache %s/tiny/teacher.safetensors --data text:%s --val 0.1 --seq 24 --topk 4 --out %s/c4.cache"
+                    " --limit 30 > /dev/null 2> %s/cache.err",
+                    bin, out, corpus, dir, dir);
+        CHECK_MSG(rc == 0, "exit %d", rc);
+        rc = sh("%s run %s --quiet --threads 1 --run.name=cached --teacher.cache=%s/c4.cache "
+                "--distill.loss='ce(weight=0.5)+fkl(weight=0.5)' --distill.baseline=0 > /dev/null 2> %s/run2.err",
+                bin, ini, dir, dir);
+        CHECK_MSG(rc == 0, "exit %d", rc);
+        rc = sh("%s run %s --quiet --threads 1 --run.name=cached2 --teacher.cache=%s/c4.cache "
+                "--distill.loss='fkl(T=3)' --distill.baseline=0 > /dev/null 2> %s/run3.err",
+                bin, ini, dir, dir);
+        CHECK(rc == 1);
+    }
+    TEST("distill run on text refuses a non-GPT model with a message naming the key") {
+        int rc = sh("%s run %s --quiet --student.model='mlp: 32' > /dev/null 2> %s/bad.err", bin, ini, dir);
+        char p[600];
+        snprintf(p, sizeof p, "%s/bad.err", dir);
+        char *s = slurp(p);
+        CHECK_MSG(rc != 0 && s && strstr(s, "[student] model") && strstr(s, "gpt"), "rc %d: %s", rc, s ? s : "");
+        free(s);
+    }
+}
+
+void test_lm(void) {
+    write_corpus();
+    test_graph_vs_runner();
+    test_gradients();
+    test_pytorch_fixture();
+    test_train_and_distill();
+    test_cli();
+}
