@@ -66,11 +66,18 @@ test: $(BUILD)/test_all $(BUILD)/distill
 $(BUILD)/bench_engine: $(BUILD)/bench/bench_engine.o $(BUILD)/libkd.a
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS)
 
-bench: $(BUILD)/bench_engine $(BUILD)/distill
+$(BUILD)/bench_lm: $(BUILD)/bench/bench_lm.o $(BUILD)/libkd.a
+	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS)
+
+bench: $(BUILD)/bench_engine $(BUILD)/bench_lm $(BUILD)/distill
 	bash bench/run.sh $(BUILD)
+
+# language-model speed only (bench/lm.sh): training, distillation, generation vs PyTorch
+bench-lm: $(BUILD)/bench_lm
+	bash bench/lm.sh $(BUILD)
 
 clean:
 	rm -rf build build-san
 
-.PHONY: all test bench clean
+.PHONY: all test bench bench-lm clean
 -include $(LIB_OBJ:.o=.d) $(CLI_OBJ:.o=.d) $(TEST_OBJ:.o=.d)
