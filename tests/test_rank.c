@@ -122,7 +122,7 @@ static void test_gradcheck(void) {
             int ndim, shape[3], k, masked;
             float tau, gap;
         } C[] = {
-            {2, {5, 9}, 3, -1, 1.0f, 0.5f},  {2, {1, 7}, 2, -1, 0.5f, 0.5f}, {2, {3, 5}, 5, -1, 2.0f, 0.5f},
+            {2, {5, 9}, 3, -1, 1.0f, 0.5f},    {2, {1, 7}, 2, -1, 0.5f, 0.5f},  {2, {3, 5}, 5, -1, 2.0f, 0.5f},
             {3, {2, 3, 11}, 4, 4, 1.0f, 0.5f}, {2, {4, 13}, 6, 1, 0.3f, 0.25f}, {2, {3, 40}, 2, -1, 1.0f, 0.1f},
         };
         for (int c = 0; c < (int)(sizeof C / sizeof C[0]); c++) {
@@ -183,7 +183,8 @@ static void fixture_case(const kd_safetensors *st, const char *name) {
         float l = rank_loss(ndim, shape, s, t, has_mask ? mask : NULL, (int)args[0], args[1], gs);
         /* the loss is summed in double and rounded once: float32 rounding of
          * the inputs is shared, so 1e-6 relative is ample */
-        CHECK_MSG(fabs(l - le) <= 2e-6 * fmax(1.0, fabs(le)), "%s: loss %.9g, PyTorch %.9g", name, (double)l, (double)le);
+        CHECK_MSG(fabs(l - le) <= 2e-6 * fmax(1.0, fabs(le)), "%s: loss %.9g, PyTorch %.9g", name, (double)l,
+                  (double)le);
         /* gradients: each element one float32 rounding of a double sum;
          * the atol is relative to the largest element */
         double gmax = 0.0;
@@ -458,8 +459,8 @@ static void test_spec(void) {
         }
         kd_graph_free(g);
         st = build_spec("rlkd", N, V, &g, &in, &bl);
-        CHECK_MSG(st == KD_OK && bl.terms[0].value->ip[0] == 10 && bl.terms[0].value->fp[0] == 1.0f,
-                  "defaults: %s", st == KD_OK ? "wrong k or tau" : kd_error_message());
+        CHECK_MSG(st == KD_OK && bl.terms[0].value->ip[0] == 10 && bl.terms[0].value->fp[0] == 1.0f, "defaults: %s",
+                  st == KD_OK ? "wrong k or tau" : kd_error_message());
         kd_graph_free(g);
         st = build_spec("rlkd(k=5, tau=0.25)", N, V, &g, &in, &bl);
         CHECK_MSG(st == KD_OK && bl.terms[0].value->ip[0] == 5 && bl.terms[0].value->fp[0] == 0.25f, "k=5 tau=0.25: %s",
@@ -494,8 +495,8 @@ static void test_spec(void) {
         t = kd_input(g, "t", 3, sh);
         kd_rank_align(g, s, t, kd_input(g, "mask", 1, ms), 3, 1.0f);
         st = kd_graph_compile(g, 2, 1);
-        CHECK_MSG(st == KD_ESHAPE && strstr(kd_error_message(), "one value per row"), "mask of 5 for 6 rows: %d %s",
-                  st, kd_error_message());
+        CHECK_MSG(st == KD_ESHAPE && strstr(kd_error_message(), "one value per row"), "mask of 5 for 6 rows: %d %s", st,
+                  kd_error_message());
         kd_graph_free(g);
     }
 }

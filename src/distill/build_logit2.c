@@ -184,7 +184,8 @@ static kd_status b_rlkd(kd_lctx *c, kd_node **out) {
     const kd_loss_def *d = row("rlkd");
     float kf, tau;
     kd_status rc = kd_lneed_teacher(c);
-    if (rc == KD_OK && !c->in->s_logits) rc = kd_errorf(KD_ECONFIG, "loss '%s' needs the student's logits", c->term->name);
+    if (rc == KD_OK && !c->in->s_logits)
+        rc = kd_errorf(KD_ECONFIG, "loss '%s' needs the student's logits", c->term->name);
     if (rc != KD_OK) return rc;
     const kd_tensor *z = &c->in->s_logits->val;
     int V = z->shape[z->ndim - 1];

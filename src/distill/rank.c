@@ -58,9 +58,9 @@ static void geom(const kd_tensor *z, int *R, int *V) {
 }
 
 typedef struct rk_ws {
-    int R, M;   /* rows, 2k */
-    double *d;  /* (R, RK_ST + 2M) */
-    int *id;    /* (R, 1 + M): m, then P */
+    int R, M;  /* rows, 2k */
+    double *d; /* (R, RK_ST + 2M) */
+    int *id;   /* (R, 1 + M): m, then P */
 } rk_ws;
 
 static rk_ws rk_ws_of(const kd_node *n) {
@@ -220,11 +220,8 @@ static void rk_backward(kd_node *n, const kd_ctx *ctx) {
     }
 }
 
-const kd_op_def kd_op_rank_align = {.name = "rank_align",
-                                    .infer = rk_infer,
-                                    .workspace = rk_ws_bytes,
-                                    .forward = rk_forward,
-                                    .backward = rk_backward};
+const kd_op_def kd_op_rank_align = {
+    .name = "rank_align", .infer = rk_infer, .workspace = rk_ws_bytes, .forward = rk_forward, .backward = rk_backward};
 
 kd_node *kd_rank_align(kd_graph *g, kd_node *s, kd_node *t, kd_node *mask, int k, float tau) {
     KD_ASSERT(k >= 2, "rank alignment over k=%d peak tokens (needs k >= 2)", k);
