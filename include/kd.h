@@ -296,6 +296,8 @@ enum {
     KD_OP_CRD_NCE,
     KD_OP_BN_NOAFFINE,
     KD_OP_LOGSUM,
+    /* rank alignment (src/distill/rank.c) */
+    KD_OP_RANK_ALIGN,
     KD_OP_COUNT
 };
 

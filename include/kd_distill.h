@@ -106,4 +106,14 @@ kd_node *kd_bn_noaffine(kd_graph *g, kd_node *x, float eps);
  * distance of Miles & Mikolajczyk 2024); gradients to both. */
 kd_node *kd_logsum(kd_graph *g, kd_node *a, kd_node *b, float alpha);
 
+/* rank alignment (src/distill/rank.c; docs/losses/rlkd.md) */
+/* RLKD (Peng & Zhang, COLING 2025): per row of s, t (..., V), the peaks P
+ * are the union of the teacher's and the student's top-k ids (ties toward
+ * the lower id); with soft ranks r_i = 1 + sum_{j!=i} sigmoid((z_j - z_i)
+ * / tau) of s[P] and of t[P], the loss is the mean over kept rows of 1 -
+ * Pearson(r_s, r_t) (a differentiable 1 - Spearman). Gradient to s only;
+ * mask (rows) may be NULL. 2 <= k <= V (k > V: a shape error at
+ * compile), tau > 0. */
+kd_node *kd_rank_align(kd_graph *g, kd_node *s, kd_node *t, kd_node *mask, int k, float tau);
+
 #endif

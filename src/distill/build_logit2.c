@@ -1,5 +1,5 @@
 /* build_logit2.c - loss table rows for the second family of logit losses:
- * mlkd and ctkd (ops in logit2.c).
+ * mlkd and ctkd (ops in logit2.c), rlkd (op in rank.c).
  *
  * mlkd(temps, instance, batch, class, standardize): one kd_mlkd node per
  * temperature, summed. `temps` is a range "lo-hi" (lo, lo+1, ... up to hi;
@@ -33,6 +33,15 @@
  * with t_start=1, t_end=20: T starts at 1 + 20 sigmoid(1) = 15.62), else
  * logit((t0 - tmin) / (tmax - tmin)). Loss: kd_fkl_tnode, T^2 KL(p_t||p_s).
  * The instance-wise (MLP) temperature of the paper is not built.
+ *
+ * rlkd(k, tau): kd_rank_align, 1 - the soft Spearman correlation of the
+ * student's and the teacher's logits on the union of their top-k ids
+ * (Peng & Zhang, COLING 2025; docs/losses/rlkd.md). k is an integer in
+ * [2, V] (V the logits' last dimension, known when the term is built), tau
+ * > 0 the soft-rank temperature on the logits. No T: the ranks do not
+ * depend on a temperature, and the soft ranks' dependence on the scale is
+ * tau's. The paper adds it to a divergence, rank + divergence / 2 in the
+ * authors' scripts: "rlkd + fkl(weight=0.5)".
  */
 #include <math.h>
 #include <stdlib.h>
@@ -171,10 +180,41 @@ static kd_status b_ctkd(kd_lctx *c, kd_node **out) {
     return KD_OK;
 }
 
+static kd_status b_rlkd(kd_lctx *c, kd_node **out) {
+    const kd_loss_def *d = row("rlkd");
+    float kf, tau;
+    kd_status rc = kd_lneed_teacher(c);
+    if (rc == KD_OK && !c->in->s_logits)
+        rc = kd_errorf(KD_ECONFIG, "loss '%s' needs the student's logits", c->term->name);
+    if (rc != KD_OK) return rc;
+    const kd_tensor *z = &c->in->s_logits->val;
+    int V = z->shape[z->ndim - 1];
+    if (V < 2)
+        return kd_errorf(KD_ESHAPE, "loss '%s' ranks the logits of each row, and the rows hold only V=%d",
+                         c->term->name, V);
+    rc = kd_larg_float(c, d, "k", 2, V, &kf);
+    if (rc == KD_OK && kf != floorf(kf))
+        rc = kd_errorf(KD_ECONFIG, "loss '%s': k=%g is not an integer", c->term->name, (double)kf);
+    if (rc == KD_OK) {
+        const char *v = kd_larg_str(c, d, "tau");
+        char *end;
+        double x = strtod(v, &end);
+        if (end == v || *end || !isfinite(x))
+            rc = kd_errorf(KD_ECONFIG, "loss '%s': tau=%s is not a number", c->term->name, v);
+        else if (!(x > 0.0))
+            rc = kd_errorf(KD_ECONFIG, "loss '%s': tau=%s must be > 0 (the soft-rank temperature)", c->term->name, v);
+    }
+    if (rc == KD_OK) rc = kd_larg_float(c, d, "tau", 1e-4, 1e4, &tau);
+    if (rc != KD_OK) return rc;
+    *out = kd_rank_align(c->g, c->in->s_logits, c->in->t_logits, c->in->mask, (int)kf, tau);
+    return KD_OK;
+}
+
 const kd_loss_def kd_loss_defs_logit2[] = {
     {"mlkd", "temps=2-6 instance=1 batch=1 class=1 standardize=0",
      "multi-level logit KD (Jin et al. 2023): instance + batch + class alignment, summed over temps", b_mlkd, 1},
     {"ctkd", "tmin=1 tmax=21 t0=auto lambda_max=1 curriculum=10",
      "curriculum temperature KD (Li et al. 2023): learned T via gradient reversal", b_ctkd, 1},
+    {"rlkd", "k=10 tau=1", "rank alignment of the top-k peaks, 1 - soft Spearman (Peng & Zhang 2025)", b_rlkd, 1},
     {NULL, NULL, NULL, NULL, 0},
 };
