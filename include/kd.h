@@ -296,6 +296,8 @@ enum {
     KD_OP_CRD_NCE,
     KD_OP_BN_NOAFFINE,
     KD_OP_LOGSUM,
+    /* cached top-k teacher (src/distill/topk.c) */
+    KD_OP_TOPK_DIVERGENCE,
     KD_OP_COUNT
 };
 

@@ -19,6 +19,9 @@ extern const kd_op_def kd_op_mlkd, kd_op_fkl_tnode, kd_op_grad_reverse, kd_op_si
 extern const kd_op_def kd_op_vid_nll, kd_op_l2norm, kd_op_crd_infonce, kd_op_crd_nce, kd_op_bn_noaffine,
     kd_op_logsum;
 
+/* cached top-k teacher (src/distill/topk.c) */
+extern const kd_op_def kd_op_topk_divergence;
+
 /* shape error naming the node and its inputs */
 kd_status kd_op_shape_error(const kd_node *n, const char *what);
 

@@ -48,4 +48,6 @@ const kd_op_def *const kd_ops[KD_OP_COUNT] = {
     [KD_OP_CRD_NCE] = &kd_op_crd_nce,
     [KD_OP_BN_NOAFFINE] = &kd_op_bn_noaffine,
     [KD_OP_LOGSUM] = &kd_op_logsum,
+    /* cached top-k teacher */
+    [KD_OP_TOPK_DIVERGENCE] = &kd_op_topk_divergence,
 };
