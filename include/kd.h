@@ -298,6 +298,8 @@ enum {
     KD_OP_LOGSUM,
     /* rank alignment (src/distill/rank.c) */
     KD_OP_RANK_ALIGN,
+    /* cached top-k teacher (src/distill/topk.c) */
+    KD_OP_TOPK_DIVERGENCE,
     KD_OP_COUNT
 };
 

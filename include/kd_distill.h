@@ -33,6 +33,19 @@ typedef enum kd_div_kind {
  * ip[0] kind; fp[0] T, fp[1] param, fp[2] scale. */
 kd_node *kd_divergence(kd_graph *g, kd_node *s, kd_node *t, kd_node *mask, kd_div_kind kind, float T, float param,
                        float scale);
+/* The same divergence against a teacher known only through a top-k cache
+ * (src/distill/topk.c, docs/losses/topk.md): s (..., V) student logits;
+ * t_ids (..., k) the teacher's ids as floats (distinct integers in [0, V)
+ * per row, asserted), t_logp (..., k) its log-probabilities at the same T;
+ * 1 <= k <= V. Both sides are coarse-grained onto the k ids plus one tail
+ * bucket (teacher tail 1 - sum q, clamped at 0; student tail by a
+ * log-sum-exp over the other ids), and the divergence of kind is taken
+ * there: a lower bound of the dense one, equal to it for k = V. Masked
+ * rows (mask (R), 0 = skip) are neither computed nor checked. Averaged over
+ * kept rows, times scale; gradient to s only.
+ * ip[0] kind; fp[0] T, fp[1] param, fp[2] scale. */
+kd_node *kd_topk_divergence(kd_graph *g, kd_node *s, kd_node *t_ids, kd_node *t_logp, kd_node *mask, kd_div_kind kind,
+                            float T, float param, float scale);
 /* Decoupled KD (Zhao et al. 2022) without the warm-up factor (apply it with
  * a kd_scale node): T^2 * (alpha*KL(b_t||b_s) + beta*KL(q_t||q_s)), where b
  * is the binary [p_y, 1-p_y] and q the softmax over non-target classes. */

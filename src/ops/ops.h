@@ -21,6 +21,9 @@ extern const kd_op_def kd_op_vid_nll, kd_op_l2norm, kd_op_crd_infonce, kd_op_crd
 /* rank alignment (src/distill/rank.c) */
 extern const kd_op_def kd_op_rank_align;
 
+/* cached top-k teacher (src/distill/topk.c) */
+extern const kd_op_def kd_op_topk_divergence;
+
 /* shape error naming the node and its inputs */
 kd_status kd_op_shape_error(const kd_node *n, const char *what);
 

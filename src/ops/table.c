@@ -50,4 +50,6 @@ const kd_op_def *const kd_ops[KD_OP_COUNT] = {
     [KD_OP_LOGSUM] = &kd_op_logsum,
     /* rank alignment */
     [KD_OP_RANK_ALIGN] = &kd_op_rank_align,
+    /* cached top-k teacher */
+    [KD_OP_TOPK_DIVERGENCE] = &kd_op_topk_divergence,
 };
