@@ -48,4 +48,9 @@ const kd_op_def *const kd_ops[KD_OP_COUNT] = {
     [KD_OP_CRD_NCE] = &kd_op_crd_nce,
     [KD_OP_BN_NOAFFINE] = &kd_op_bn_noaffine,
     [KD_OP_LOGSUM] = &kd_op_logsum,
+    /* language models */
+    [KD_OP_EMBEDDING] = &kd_op_embedding,
+    [KD_OP_POS_ADD] = &kd_op_pos_add,
+    [KD_OP_LAYERNORM] = &kd_op_layernorm,
+    [KD_OP_CAUSAL_ATTENTION] = &kd_op_causal_attention,
 };
