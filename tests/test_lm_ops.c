@@ -209,7 +209,7 @@ static void gc_layernorm(void) {
 static void gc_attention(void) {
     TEST("gradcheck causal attention: T 1/7/35, heads 1-3, head dim 2-5, B 1/3") {
         /* B, T, heads, d, computed (qkv from a matmul) */
-        int cfg[][5] = {{1, 1, 1, 3, 0}, {3, 7, 3, 5, 0}, {1, 7, 2, 4, 1}, {3, 1, 2, 2, 1},
+        int cfg[][5] = {{1, 1, 1, 3, 0}, {3, 7, 3, 5, 0},  {1, 7, 2, 4, 1}, {3, 1, 2, 2, 1},
                         {3, 7, 3, 5, 1}, {1, 35, 1, 2, 0}, {2, 9, 1, 1, 0}};
         int nc = (int)(sizeof cfg / sizeof cfg[0]);
         for (int c = 0; c < nc; c++) {
@@ -247,9 +247,9 @@ static void gc_attention(void) {
 static void attention_vs_naive(void) {
     TEST("attention fast kernels vs naive double kernels (forward, lse, backward; assign and accumulate)") {
         /* B, T, heads, d, threads, scale of qkv */
-        int cfg[][6] = {{1, 1, 1, 1, 1, 1}, {1, 7, 3, 5, 2, 1}, {3, 7, 3, 5, 3, 1}, {3, 1, 3, 5, 2, 1},
-                        {1, 33, 2, 4, 2, 1}, {2, 64, 2, 8, 3, 1}, {1, 100, 1, 16, 1, 1}, {2, 128, 2, 32, 2, 1},
-                        {2, 45, 3, 5, 2, 4}};
+        int cfg[][6] = {{1, 1, 1, 1, 1, 1},    {1, 7, 3, 5, 2, 1},    {3, 7, 3, 5, 3, 1},
+                        {3, 1, 3, 5, 2, 1},    {1, 33, 2, 4, 2, 1},   {2, 64, 2, 8, 3, 1},
+                        {1, 100, 1, 16, 1, 1}, {2, 128, 2, 32, 2, 1}, {2, 45, 3, 5, 2, 4}};
         int nc = (int)(sizeof cfg / sizeof cfg[0]);
         for (int c = 0; c < nc; c++) {
             int B = cfg[c][0], T = cfg[c][1], NH = cfg[c][2], d = cfg[c][3], th = cfg[c][4], C = NH * d;
@@ -603,8 +603,8 @@ static void batch_change(void) {
             /* identical calls on identical numbers: the same bits */
             CHECK(memcmp(a.logits->val.data, b.logits->val.data, (size_t)(2 * nrow) * sizeof(float)) == 0);
             CHECK(a.loss->val.data[0] == b.loss->val.data[0] && a.loss->val.data[0] != loss3);
-            CHECK_ARRAYS("param grads at B=2 vs compiled for 2", kd_graph_param_grad(a.g), kd_graph_param_grad(b.g),
-                         np, 0, 0);
+            CHECK_ARRAYS("param grads at B=2 vs compiled for 2", kd_graph_param_grad(a.g), kd_graph_param_grad(b.g), np,
+                         0, 0);
             /* down to one row and back up to three */
             kd_graph_set_batch(a.g, 1);
             kd_graph_forward(a.g, 1);

@@ -175,11 +175,8 @@ static void pos_backward(kd_node *n, const kd_ctx *ctx) {
     }
 }
 
-const kd_op_def kd_op_pos_add = {.name = "pos_add",
-                                 .infer = pos_infer,
-                                 .forward = pos_forward,
-                                 .backward = pos_backward,
-                                 .grad_overwrite = 1};
+const kd_op_def kd_op_pos_add = {
+    .name = "pos_add", .infer = pos_infer, .forward = pos_forward, .backward = pos_backward, .grad_overwrite = 1};
 
 /* ---------------------------------------------------------------- layer norm */
 
@@ -307,8 +304,10 @@ static inline float exp_vec(float x) {
     float t = x * 1.44269504f + 12582912.0f; /* low mantissa bits of t hold n */
     float n = t - 12582912.0f;
     float r = x - n * 0.693145752f - n * 1.42860677e-6f; /* ln2 in two parts: n * hi is exact */
-    float p = 1.0f + r * (1.0f + r * (0.5f + r * (1.66666672e-1f + r * (4.16666679e-2f +
-                                                  r * (8.33333377e-3f + r * (1.38888892e-3f + r * 1.98412701e-4f))))));
+    float p =
+        1.0f + r * (1.0f + r * (0.5f + r * (1.66666672e-1f +
+                                            r * (4.16666679e-2f +
+                                                 r * (8.33333377e-3f + r * (1.38888892e-3f + r * 1.98412701e-4f))))));
     uint32_t bits;
     memcpy(&bits, &t, sizeof bits);
     bits = (bits - 0x4B400000u + 127u) << 23; /* (n + 127) << 23 */
@@ -361,8 +360,7 @@ static void att_head_backward(float *dq, float *dk, float *dv, float *P, float *
         int i1 = i0 + ATT_BLOCK < T ? i0 + ATT_BLOCK : T, m = i1 - i0;
         float *Pb = P + (size_t)i0 * T, *Gb = G + (size_t)i0 * T;
         /* the same call as in forward: S bit for bit; dP = dy v^T */
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, i1, d, sc, q + (size_t)i0 * C3, C3, k, C3, 0.0f, Pb,
-                    T);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, i1, d, sc, q + (size_t)i0 * C3, C3, k, C3, 0.0f, Pb, T);
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, i1, d, 1.0f, dy + (size_t)i0 * C, C, v, C3, 0.0f, Gb,
                     T);
         for (int i = i0; i < i1; i++) {
@@ -531,8 +529,8 @@ static void att_backward(kd_node *n, const kd_ctx *ctx) {
     kd_node *X = n->in[0];
     if (!(X->flags & KD_F_NEED_GRAD)) return;
     int fresh = kd_grad_take_fresh(X);
-    kd_attention_backward(X->grad.data, n->ws, n->grad.data, X->val.data, att_lse(n, ctx->threads),
-                          X->val.shape[0], X->val.shape[1], n->val.shape[2], n->ip[0], ctx->threads, !fresh);
+    kd_attention_backward(X->grad.data, n->ws, n->grad.data, X->val.data, att_lse(n, ctx->threads), X->val.shape[0],
+                          X->val.shape[1], n->val.shape[2], n->ip[0], ctx->threads, !fresh);
 }
 
 const kd_op_def kd_op_causal_attention = {.name = "causal_attention",
