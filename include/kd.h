@@ -178,11 +178,31 @@ kd_node *kd_mean(kd_graph *g, kd_node *x); /* mean of all elements -> scalar (1)
 kd_node *kd_sum(kd_graph *g, kd_node *x);  /* sum of all elements -> scalar (1) */
 kd_node *kd_scale(kd_graph *g, kd_node *x, float s); /* s * x */
 
+/* Language-model ops (src/ops/lm.c). Token ids are floats holding integers. */
+/* ids (B,T), table (V,C) -> (B,T,C): row ids[b,t] of the table. An id that is
+ * not an integer in [0,V) is a bug (the data layer checks ids) and aborts
+ * naming the node and the id. ids get no gradient; the table's gradient is
+ * accumulated, so the table may also feed a tied LM head (kd_matmul). */
+kd_node *kd_embedding(kd_graph *g, kd_node *ids, kd_node *table);
+/* x (B,T,C) + table[t] for t < T, table (ctx,C): learned positions. T > ctx
+ * is a shape error reported by kd_graph_compile. */
+kd_node *kd_pos_add(kd_graph *g, kd_node *x, kd_node *table);
+/* Layer norm over the last dim, as torch.nn.LayerNorm(C, eps): gamma, beta (C). */
+kd_node *kd_layernorm(kd_graph *g, kd_node *x, kd_node *gamma, kd_node *beta, float eps);
+/* qkv (B,T,3C) laid out [q | k | v] -> (B,T,C): per head (d = C/heads
+ * columns of each part) softmax(q k^T / sqrt(d)) v with a causal mask (row t
+ * attends to positions <= t), heads concatenated. 3C must divide by
+ * 3*heads (else a shape error at compile). Keeps only a (B,heads,T)
+ * log-sum-exp between forward and backward; no (T,T) tensor is stored. */
+kd_node *kd_causal_attention(kd_graph *g, kd_node *qkv, int heads);
+
 /* Composite builders: parameters named "<prefix>.weight", "<prefix>.bias", ... */
 kd_node *kd_dense(kd_graph *g, const char *prefix, kd_node *x, int out);
 kd_node *kd_conv(kd_graph *g, const char *prefix, kd_node *x, int out, int k, int stride, int pad, int bias);
 kd_node *kd_bn(kd_graph *g, const char *prefix, kd_node *x);
 kd_node *kd_bn_relu(kd_graph *g, const char *prefix, kd_node *x); /* batch norm with a fused ReLU */
+/* layer norm over the last dim, weight init ones, bias zeros, eps 1e-5; the node is named prefix */
+kd_node *kd_ln(kd_graph *g, const char *prefix, kd_node *x);
 
 /* Gives a node a name by which losses and callers find it ("logits", "block2"). */
 void kd_node_set_name(kd_node *n, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -300,6 +320,11 @@ enum {
     KD_OP_RANK_ALIGN,
     /* cached top-k teacher (src/distill/topk.c) */
     KD_OP_TOPK_DIVERGENCE,
+    /* language models (src/ops/lm.c) */
+    KD_OP_EMBEDDING,
+    KD_OP_POS_ADD,
+    KD_OP_LAYERNORM,
+    KD_OP_CAUSAL_ATTENTION,
     KD_OP_COUNT
 };
 

@@ -24,6 +24,9 @@ extern const kd_op_def kd_op_rank_align;
 /* cached top-k teacher (src/distill/topk.c) */
 extern const kd_op_def kd_op_topk_divergence;
 
+/* language models (src/ops/lm.c) */
+extern const kd_op_def kd_op_embedding, kd_op_pos_add, kd_op_layernorm, kd_op_causal_attention;
+
 /* shape error naming the node and its inputs */
 kd_status kd_op_shape_error(const kd_node *n, const char *what);
 
@@ -36,6 +39,23 @@ void kd_im2col(float *col, const float *inp, int C, int H, int W, int KH, int KW
 /* inp (C,H,W) += col2im(col) */
 void kd_col2im(float *inp, const float *col, int C, int H, int W, int KH, int KW, int stride, int pad, int OH,
                int OW);
+
+/* causal self-attention kernels (lm.c), d = C/NH. qkv (B,T,3C) laid out
+ * [q | k | v], head h in columns h*d..(h+1)*d-1 of each; out (B,T,C);
+ * lse (B,NH,T) the log-sum-exp of each row of scaled scores. The fast
+ * kernels spread (b, h) over `threads` OpenMP threads, each using
+ * kd_attention_scratch_floats(T) floats of scratch (scratch holds `threads`
+ * of them). */
+size_t kd_attention_scratch_floats(int T);
+void kd_attention_forward(float *out, float *lse, float *scratch, const float *qkv, int B, int T, int C, int NH,
+                          int threads);
+/* dqkv (B,T,3C) = (accumulate ? dqkv : 0) + gradient, from dout (B,T,C) and
+ * the forward's lse */
+void kd_attention_backward(float *dqkv, float *scratch, const float *dout, const float *qkv, const float *lse, int B,
+                           int T, int C, int NH, int threads, int accumulate);
+/* references: full (T,T) scores in double; lse may be NULL; dqkv assigned */
+void kd_attention_forward_naive(float *out, float *lse, const float *qkv, int B, int T, int C, int NH);
+void kd_attention_backward_naive(float *dqkv, const float *dout, const float *qkv, int B, int T, int C, int NH);
 
 static inline int kd_conv_out(int in, int k, int stride, int pad) { return (in + 2 * pad - k) / stride + 1; }
 
