@@ -11,7 +11,7 @@
  *
  *     kd_tokenizer tok;
  *     uint8_t *text; size_t n;
- *     kd_text_read_split("text:corpus/", 0.05f, 0, &text, &n);  // training text
+ *     kd_text_read_split("text:corpus/", 0.05f, 0, &text, &n, NULL); // training text
  *     kd_tokenizer_train(&tok, text, n, 1024);
  *     kd_tokenizer_save(&tok, "tok.json");
  *     kd_text_data d;
@@ -41,7 +41,7 @@
 #define KD_TEXT_MAX_VOCAB 65536
 /* The longest pre-split chunk, hence the longest token, in bytes. */
 #define KD_TEXT_MAX_CHUNK 64
-/* Default corpus of the spec "text" (the Debian package fortunes-min/fortunes). */
+/* Default corpus of the spec "text" (the Debian package fortunes). */
 #define KD_TEXT_DEFAULT_DIR "/usr/share/games/fortunes"
 
 typedef struct kd_tokenizer {

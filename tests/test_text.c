@@ -402,6 +402,17 @@ static void test_hostile_json(void) {
         CHECK(kd_tokenizer_load(&tok, q) == KD_EFORMAT && strstr(kd_error_message(), q) &&
               strstr(kd_error_message(), "truncated"));
         CHECK(kd_tokenizer_load(&tok, pathf(q, "missing.json")) == KD_EIO && strstr(kd_error_message(), q));
+        /* larger than the 16 MB bound: valid JSON padded with spaces */
+        size_t big = (16u << 20) + 2;
+        char *pad = malloc(big);
+        memset(pad, ' ', big);
+        const char *head = "{\"format\":\"distill-bpe\",\"version\":1,\"vocab\":256,\"merges\":[]}";
+        memcpy(pad, head, strlen(head));
+        CHECK(spit(pathf(q, "huge.json"), pad, big));
+        free(pad);
+        CHECK(kd_tokenizer_load(&tok, q) == KD_EFORMAT && strstr(kd_error_message(), q) &&
+              strstr(kd_error_message(), "larger than"));
+        unlink(q);
     }
 }
 

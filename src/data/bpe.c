@@ -645,8 +645,17 @@ kd_status kd_tokenizer_load(kd_tokenizer *tok, const char *path) {
     memset(tok, 0, sizeof *tok);
     FILE *f = fopen(path, "rb");
     if (!f) return kd_errorf(KD_EIO, "%s: cannot open tokenizer: %s", path, strerror(errno));
-    char *buf = kd_malloc(BPE_MAX_FILE + 1);
-    size_t n = fread(buf, 1, BPE_MAX_FILE + 1, f);
+    /* grows with the bytes actually there, up to one past the limit */
+    size_t cap = 1u << 16, n = 0, got;
+    char *buf = kd_malloc(cap + 1);
+    while ((got = fread(buf + n, 1, cap - n, f)) > 0) {
+        n += got;
+        if (n == cap && cap <= BPE_MAX_FILE) {
+            cap = cap * 2 > BPE_MAX_FILE + 1 ? BPE_MAX_FILE + 1 : cap * 2;
+            buf = kd_realloc(buf, cap + 1);
+        }
+        if (n > BPE_MAX_FILE) break;
+    }
     int err = ferror(f);
     fclose(f);
     kd_status st;
