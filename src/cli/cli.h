@@ -36,6 +36,7 @@ int cmd_eval(int argc, char **argv);
 int cmd_loss(int argc, char **argv);
 int cmd_cache(int argc, char **argv);
 int cmd_export(int argc, char **argv);
+int cmd_tokenize(int argc, char **argv);
 
 /* `distill run` for a text dataset (src/cli/run_lm.c); returns the exit code */
 struct kd_config;
