@@ -42,5 +42,6 @@ int cmd_tokenize(int argc, char **argv);
 struct kd_config;
 struct kd_log;
 int cli_run_lm(const struct kd_config *cfg, const char *dir, int threads, struct kd_log *log);
+int cmd_generate(int argc, char **argv);
 
 #endif

@@ -14,6 +14,7 @@ static void usage(FILE *f) {
             "  export CHECKPOINT --c DIR               the model as dependency-free C99\n"
             "  loss \"SPEC\" --in X --out Y             a loss and its gradients on given tensors\n"
             "  tokenize --data text:PATH --vocab N --out FILE   learn a BPE tokenizer from text\n\n"
+            "  generate CHECKPOINT --prompt TEXT       continue a text with a GPT checkpoint\n\n"
             "Every command takes --help. distill --version prints the version.\n",
             KD_VERSION);
 }
@@ -38,6 +39,7 @@ int main(int argc, char **argv) {
     if (strcmp(c, "cache") == 0) return cmd_cache(argc - 2, argv + 2);
     if (strcmp(c, "export") == 0) return cmd_export(argc - 2, argv + 2);
     if (strcmp(c, "tokenize") == 0) return cmd_tokenize(argc - 2, argv + 2);
+    if (strcmp(c, "generate") == 0) return cmd_generate(argc - 2, argv + 2);
     fprintf(stderr, "distill: unknown command '%s'\n\n", c);
     usage(stderr);
     return 2;
