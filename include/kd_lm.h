@@ -8,6 +8,7 @@
 #define KD_LM_H
 #include "kd.h"
 #include "kd_gpt.h"
+#include "kd_io.h"
 #include "kd_losses.h"
 #include "kd_nn.h"
 #include "kd_optim.h"
@@ -56,6 +57,7 @@ typedef struct kd_lm_eval_result {
     double t_loss;      /* the teacher's (mix) CE, when there is one */
     double agree, kl;   /* top-1 agreement with the teacher, mean KL(teacher || student) per token */
     int64_t tokens;
+    int with_teacher;   /* agree, kl and t_loss are set */
 } kd_lm_eval_result;
 
 /* The deterministic sweep over the split's windows (at most max_windows; 0:
@@ -98,6 +100,13 @@ typedef struct kd_lm_train_result {
 
 kd_status kd_lm_train(kd_lm *lm, const kd_text_data *d, const kd_lm_train_opts *o, kd_log *log,
                       kd_lm_train_result *res);
+/* Fills an on-policy batch (what kd_lm_train does for a fraction o->onpolicy
+ * of its steps): B prompts of o->prompt tokens from random training windows,
+ * continued by `run` (which reads the student's live weights); labels -1
+ * (the CE is off), mask 1 on the positions that predict sampled tokens.
+ * prompt and gen are scratch of B*o->prompt and B*(seq+1) ints. */
+void kd_lm_onpolicy_batch(kd_lm *lm, kd_gpt_runner *run, const kd_text_data *d, const kd_lm_train_opts *o,
+                          kd_rng *rng, int B, int *prompt, int *gen);
 
 /* Checkpoints: the model's tensors (GPT-2 names) with metadata model, vocab
  * and, for a BPE vocabulary, the tokenizer as JSON. Loading is strict. */

@@ -111,46 +111,36 @@ static void test_gradients(void) {
 }
 
 static void test_pytorch_fixture(void) {
-    TEST("gpt graph reproduces PyTorch's logits (fixture from gen_gpt.py)") {
-        char fx[512];
+    TEST("gpt graph reproduces PyTorch's logits (fixtures from gen_gpt.py)") {
+        char fx[512], rf[512];
         kd_test_fixture("gpt_tiny.safetensors", fx, sizeof fx);
-        kd_safetensors st;
-        CHECK_MSG(kd_st_read(fx, &st) == KD_OK, "%s", kd_error_message());
-        if (!st.buf) break;
-        const char *spec = kd_st_meta(&st, "model");
-        int V = atoi(kd_st_meta(&st, "vocab") ? kd_st_meta(&st, "vocab") : "0");
-        const kd_st_tensor *tok = kd_st_find(&st, "test.tokens"), *lg = kd_st_find(&st, "test.logits");
-        CHECK(spec && V > 1 && tok && lg);
-        if (!spec || !tok || !lg || V < 2) {
-            kd_st_free(&st);
-            break;
-        }
-        int B = tok->ndim == 2 ? (int)tok->shape[0] : 1, T = (int)tok->shape[tok->ndim - 1];
-        kd_lm lm;
-        kd_lm_setup s = {.student = spec, .vocab = V, .seq = T, .max_batch = B};
-        CHECK_MSG(kd_lm_new(&lm, &s, 1) == KD_OK, "%s", kd_error_message());
-        if (lm.g) {
-            /* the fixture also holds test.* tensors: load the model's own by name */
-            int ok = 1;
-            for (int i = 0; i < kd_graph_n_state(lm.g); i++) {
-                kd_node *n = kd_graph_state(lm.g, i);
-                ok &= kd_st_get_f32(&st, n->name + 2, n->val.data, n->val.ndim, n->val.shape) == KD_OK;
+        kd_test_fixture("gpt_tiny_ref.safetensors", rf, sizeof rf);
+        kd_safetensors st, ref;
+        memset(&ref, 0, sizeof ref);
+        CHECK_MSG(kd_st_read(fx, &st) == KD_OK && kd_st_read(rf, &ref) == KD_OK, "%s", kd_error_message());
+        const char *spec = st.buf ? kd_st_meta(&st, "model") : NULL, *vs = st.buf ? kd_st_meta(&st, "vocab") : NULL;
+        const kd_st_tensor *tok = ref.buf ? kd_st_find(&ref, "tokens") : NULL;
+        CHECK(spec && vs && tok && tok->ndim == 2);
+        if (spec && vs && tok && tok->ndim == 2) {
+            int V = atoi(vs), B = (int)tok->shape[0], T = (int)tok->shape[1];
+            kd_lm lm;
+            kd_lm_setup s = {.student = spec, .vocab = V, .seq = T, .max_batch = B};
+            CHECK_MSG(kd_lm_new(&lm, &s, 1) == KD_OK, "%s", kd_error_message());
+            if (lm.g) {
+                CHECK_MSG(kd_lm_load(lm.g, &lm.m, fx) == KD_OK, "%s", kd_error_message());
+                float *want = kd_malloc((size_t)B * T * V * sizeof(float));
+                int ts[2] = {B, T}, ls[3] = {B, T, V};
+                CHECK(kd_st_get_f32(&ref, "tokens", lm.x->val.data, 2, ts) == KD_OK);
+                CHECK(kd_st_get_f32(&ref, "logits", want, 3, ls) == KD_OK);
+                kd_graph_set_batch(lm.g, B);
+                kd_graph_forward_to(lm.g, 0, lm.m.logits);
+                CHECK_ARRAYS("logits vs torch", lm.m.logits->val.data, want, (long)B * T * V, 1e-5, 1e-4);
+                free(want);
+                kd_lm_free(&lm);
             }
-            CHECK_MSG(ok, "%s", kd_error_message());
-            float *ids = kd_malloc((size_t)B * T * sizeof(float)), *want = kd_malloc((size_t)B * T * V * sizeof(float));
-            CHECK(kd_st_get_f32(&st, "test.tokens", ids, tok->ndim, (int[]){B, T}) == KD_OK ||
-                  kd_st_get_f32(&st, "test.tokens", ids, 1, (int[]){T}) == KD_OK);
-            int lshape[3] = {B, T, V};
-            CHECK(kd_st_get_f32(&st, "test.logits", want, lg->ndim, lg->ndim == 3 ? lshape : lshape + 1) == KD_OK);
-            memcpy(lm.x->val.data, ids, (size_t)B * T * sizeof(float));
-            kd_graph_set_batch(lm.g, B);
-            kd_graph_forward_to(lm.g, 0, lm.m.logits);
-            CHECK_ARRAYS("logits vs torch", lm.m.logits->val.data, want, (long)B * T * V, 1e-5, 1e-4);
-            free(ids);
-            free(want);
-            kd_lm_free(&lm);
         }
-        kd_st_free(&st);
+        if (st.buf) kd_st_free(&st);
+        if (ref.buf) kd_st_free(&ref);
     }
 }
 
@@ -172,7 +162,7 @@ static void test_train_and_distill(void) {
     kd_text_data d;
     char tck[512];
     snprintf(tck, sizeof tck, "%s/teacher.safetensors", dir);
-    kd_log log = {0};
+    kd_log lg = {0};
     int have_teacher = 0;
     TEST("lm: a tiny GPT learns the corpus (validation loss drops far below uniform)") {
         char spec[512];
@@ -187,7 +177,7 @@ static void test_train_and_distill(void) {
         CHECK_CLOSE(e0.loss, log(256.0), 0.3, 0.0); /* small init: near uniform */
         kd_lm_train_result tr;
         kd_lm_train_opts o = tiny_opts(300);
-        CHECK_MSG(kd_lm_train(&lm, &d, &o, &log, &tr) == KD_OK, "%s", kd_error_message());
+        CHECK_MSG(kd_lm_train(&lm, &d, &o, &lg, &tr) == KD_OK, "%s", kd_error_message());
         CHECK_MSG(tr.val.loss < 2.0 && tr.val.loss < e0.loss - 3.0, "val loss %g (from %g)", tr.val.loss, e0.loss);
         CHECK_CLOSE(tr.val.ppl, exp(tr.val.loss), 0.0, 1e-9);
         CHECK(kd_lm_save(lm.g, &lm.m, d.vocab, NULL, tck) == KD_OK);
@@ -212,7 +202,7 @@ static void test_train_and_distill(void) {
         kd_lm_eval_result e0 = kd_lm_evaluate(&lm, &d, 1, 8, 16, 1);
         kd_lm_train_result tr;
         kd_lm_train_opts o = tiny_opts(150);
-        CHECK_MSG(kd_lm_train(&lm, &d, &o, &log, &tr) == KD_OK, "%s", kd_error_message());
+        CHECK_MSG(kd_lm_train(&lm, &d, &o, &lg, &tr) == KD_OK, "%s", kd_error_message());
         kd_lm_eval_result e1 = kd_lm_evaluate(&lm, &d, 1, 8, 16, 1);
         CHECK_MSG(e1.kl < 0.5 * e0.kl && e1.agree > e0.agree + 0.2, "kl %g -> %g, agreement %g -> %g", e0.kl, e1.kl,
                   e0.agree, e1.agree);
@@ -231,16 +221,33 @@ static void test_train_and_distill(void) {
         kd_lm_train_opts o = tiny_opts(4);
         o.onpolicy = 1.0f;
         o.prompt = 6;
-        CHECK_MSG(kd_lm_train(&lm, &d, &o, &log, &tr) == KD_OK, "%s", kd_error_message());
-        CHECK(tr.onpolicy_batches == 4);
-        int ok = 1;
-        for (int b = 0; b < 8; b++)
+        CHECK_MSG(kd_lm_train(&lm, &d, &o, &lg, &tr) == KD_OK, "%s", kd_error_message());
+        CHECK(tr.onpolicy_batches == 4 && tr.gen_seconds > 0);
+        /* one batch by hand: the prompt is training text, the rest sampled */
+        kd_gpt_cfg cfg;
+        kd_gpt_runner *run = NULL;
+        kd_lm_view view = {lm.g, &lm.m};
+        CHECK(kd_gpt_cfg_parse(SSPEC, 256, &cfg) == KD_OK);
+        CHECK(kd_gpt_runner_new(&run, &cfg, kd_lm_lookup, &view, 8) == KD_OK);
+        int prompt[8 * 6], gen[8 * 25];
+        kd_rng rng;
+        kd_rng_seed(&rng, 5);
+        kd_graph_set_batch(lm.g, 8);
+        if (run) kd_lm_onpolicy_batch(&lm, run, &d, &o, &rng, 8, prompt, gen);
+        int ok = run != NULL;
+        for (int b = 0; b < 8 && ok; b++)
             for (int t = 0; t < 24; t++) {
+                float x = lm.x->val.data[b * 24 + t];
                 ok &= lm.y->val.data[b * 24 + t] == -1.0f;
                 ok &= lm.mask->val.data[b * 24 + t] == (t >= 5 ? 1.0f : 0.0f);
-                ok &= lm.x->val.data[b * 24 + t] >= 0 && lm.x->val.data[b * 24 + t] < 256;
+                ok &= t < 6 ? x == (float)prompt[b * 6 + t] : x == (float)gen[b * 19 + t - 6];
             }
         CHECK(ok);
+        /* the divergence then counts only the 19 sampled positions per row: finite and positive */
+        kd_graph_forward(lm.g, 1);
+        CHECK(lm.terms.terms[0].value->val.data[0] > 0.0f && isfinite(lm.terms.terms[0].value->val.data[0]));
+        CHECK(lm.ce->val.data[0] == 0.0f); /* every label ignored */
+        kd_gpt_runner_free(run);
         kd_lm_free(&lm);
     }
     TEST("lm: sequence-level KD windows: a data prompt continued by the teacher, deterministic per seed") {
@@ -250,6 +257,7 @@ static void test_train_and_distill(void) {
         char *tj = NULL;
         CHECK_MSG(kd_gpt_load(tck, &cfg, &run, &tj) == KD_OK, "%s", kd_error_message());
         if (!run) break;
+        kd_gpt_runner_reserve(run, 4);
         uint16_t a[5 * 25], b[5 * 25];
         kd_sample_opts so = {.temperature = 0.8f, .top_k = 0, .top_p = 1.0f};
         CHECK(kd_lm_sample_windows(run, &d, 5, 24, 6, 4, &so, 7, a) == KD_OK);
@@ -306,7 +314,7 @@ static void test_train_and_distill(void) {
             kd_lm_train_opts o = tiny_opts(120);
             o.windows = &c.w;
             float first = 0;
-            CHECK_MSG(kd_lm_train(&lm, &d, &o, &log, &tr) == KD_OK, "%s", kd_error_message());
+            CHECK_MSG(kd_lm_train(&lm, &d, &o, &lg, &tr) == KD_OK, "%s", kd_error_message());
             first = lm.terms.terms[1].value->val.data[0];
             CHECK_MSG(first < 1.0 && tr.val.loss < 3.5, "cached fkl %g, val loss %g", first, tr.val.loss);
             kd_lm_free(&lm);

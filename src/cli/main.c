@@ -13,7 +13,7 @@ static void usage(FILE *f) {
             "  cache TEACHER --out FILE                store a teacher's logits for cached distillation\n"
             "  export CHECKPOINT --c DIR               the model as dependency-free C99\n"
             "  loss \"SPEC\" --in X --out Y             a loss and its gradients on given tensors\n"
-            "  tokenize --data text:PATH --vocab N --out FILE   learn a BPE tokenizer from text\n\n"
+            "  tokenize --data text:PATH --vocab N --out FILE   learn a BPE tokenizer from text\n"
             "  generate CHECKPOINT --prompt TEXT       continue a text with a GPT checkpoint\n\n"
             "Every command takes --help. distill --version prints the version.\n",
             KD_VERSION);

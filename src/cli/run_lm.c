@@ -172,7 +172,7 @@ static void stage_json(cJSON *root, const lm_stage *s) {
     cJSON_AddNumberToObject(t, "val_loss", s->val.loss);
     cJSON_AddNumberToObject(t, "val_ppl", s->val.ppl);
     cJSON_AddNumberToObject(t, "val_tokens", (double)s->val.tokens);
-    if (s->val.agree > 0.0) {
+    if (s->val.with_teacher) {
         cJSON_AddNumberToObject(t, "agreement", s->val.agree);
         cJSON_AddNumberToObject(t, "kl_teacher", s->val.kl);
     }
@@ -366,6 +366,7 @@ int cli_run_lm(const kd_config *cfg, const char *dir, int threads, kd_log *log) 
             st = kd_gpt_load(tfile, &gc, &run, &tj);
             free(tj);
             if (st == KD_OK) {
+                kd_gpt_runner_reserve(run, r.batch);
                 seqkd = kd_malloc((size_t)nseq * (r.seq + 1) * sizeof *seqkd);
                 st = kd_lm_sample_windows(run, &r.data, nseq, r.seq, r.base.prompt, r.batch, &r.base.sample,
                                           r.base.seed, seqkd);
@@ -395,7 +396,7 @@ int cli_run_lm(const kd_config *cfg, const char *dir, int threads, kd_log *log) 
             const lm_stage *s = &stages[i];
             if (!s->ran) continue;
             char agree[16] = "-";
-            if (s->val.agree > 0) snprintf(agree, sizeof agree, "%.1f%%", 100.0 * s->val.agree);
+            if (s->val.with_teacher) snprintf(agree, sizeof agree, "%.1f%%", 100.0 * s->val.agree);
             printf("%-9s %-40.40s %10lld %9.4f %9.3f %7s %9.1f\n", s->role, s->spec, (long long)s->params, s->val.loss,
                    s->val.ppl, agree, s->loaded ? 0.0 : s->tr.train_seconds);
         }

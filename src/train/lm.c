@@ -251,6 +251,7 @@ kd_lm_eval_result kd_lm_evaluate(kd_lm *lm, const kd_text_data *d, int split, in
         r.ppl = exp(r.loss);
         r.tokens = toks;
         if (with_teacher) {
+            r.with_teacher = 1;
             r.t_loss = tsum / toks;
             r.agree = agree / toks;
             r.kl = kl / toks;
@@ -283,10 +284,8 @@ static void fill_windows(kd_lm *lm, const kd_lm_windows *w, kd_rng *rng, int B) 
     }
 }
 
-/* an on-policy batch: prompts from the data, continued by the student;
- * labels ignored, the mask selects the positions predicting sampled tokens */
-static void fill_onpolicy(kd_lm *lm, kd_gpt_runner *run, const kd_text_data *d, const kd_lm_train_opts *o, kd_rng *rng,
-                          int B, int *prompt, int *gen) {
+void kd_lm_onpolicy_batch(kd_lm *lm, kd_gpt_runner *run, const kd_text_data *d, const kd_lm_train_opts *o,
+                          kd_rng *rng, int B, int *prompt, int *gen) {
     int T = lm->seq, P = o->prompt, n_new = T + 1 - P;
     kd_text_batch(d, 0, rng, B, T, lm->x->val.data, lm->y->val.data);
     for (int b = 0; b < B; b++)
@@ -336,7 +335,7 @@ kd_status kd_lm_train(kd_lm *lm, const kd_text_data *d, const kd_lm_train_opts *
         int onp = run && kd_rng_uniform(&prng) < o->onpolicy;
         if (onp) {
             double tg = kd_now();
-            fill_onpolicy(lm, run, d, o, &rng, B, prompt, gen);
+            kd_lm_onpolicy_batch(lm, run, d, o, &rng, B, prompt, gen);
             tgen += kd_now() - tg;
             res->onpolicy_batches++;
         } else {
