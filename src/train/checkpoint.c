@@ -244,8 +244,8 @@ static kd_status apply_entry(loadctx *c, const entry *e, const char *origin) {
 }
 
 static kd_status match_map(loadctx *c, const char *text, const char *origin) {
-    entry *e;
-    int n;
+    entry *e = NULL; /* parse_map leaves it alone on an error */
+    int n = 0;
     kd_status s = parse_map(c->st->path, text, origin, &e, &n);
     for (int k = 0; k < n && s == KD_OK; k++) s = apply_entry(c, &e[k], origin);
     free(e);
