@@ -2,6 +2,8 @@
 #   make            build build/distill and build/libkd.a
 #   make test       build and run the test suite (what CI runs)
 #   make bench      build and run the benchmarks (PyTorch side when installed)
+#   make interop    PyTorch and the official safetensors library read our
+#                   checkpoints and we read theirs (venv in build/; not in CI)
 #   SANITIZE=1      build with -fsanitize=address,undefined (separate build dir)
 #   DEBUG=1         -O0
 #   OMP=0           no OpenMP
@@ -76,8 +78,18 @@ bench: $(BUILD)/bench_engine $(BUILD)/bench_lm $(BUILD)/distill
 bench-lm: $(BUILD)/bench_lm
 	bash bench/lm.sh $(BUILD)
 
+# The venv sees the system's packages by default, so an installed torch is
+# reused instead of downloaded (about 1 GB); INTEROP_VENV_FLAGS= gives a clean
+# venv that installs everything from PyPI. Output: $(BUILD)/interop.log.
+INTEROP_VENV       ?= $(BUILD)/interop-venv
+INTEROP_VENV_FLAGS ?= --system-site-packages
+interop: $(BUILD)/distill
+	test -x $(INTEROP_VENV)/bin/python || python3 -m venv $(INTEROP_VENV_FLAGS) $(INTEROP_VENV)
+	$(INTEROP_VENV)/bin/python -m pip install --disable-pip-version-check --quiet torch safetensors numpy
+	$(INTEROP_VENV)/bin/python tools/interop.py --distill $(BUILD)/distill --work $(BUILD)/interop --log $(BUILD)/interop.log
+
 clean:
 	rm -rf build build-san
 
-.PHONY: all test bench bench-lm clean
+.PHONY: all test bench bench-lm interop clean
 -include $(LIB_OBJ:.o=.d) $(CLI_OBJ:.o=.d) $(TEST_OBJ:.o=.d)

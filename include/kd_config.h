@@ -28,6 +28,8 @@ int kd_config_int(const kd_config *c, const char *section, const char *key);
 double kd_config_float(const kd_config *c, const char *section, const char *key);
 const char *kd_config_str(const kd_config *c, const char *section, const char *key);
 int kd_config_is_set(const kd_config *c, const char *section, const char *key); /* not a default */
+/* Where the value came from: "default", "command line" or the config file's path. */
+const char *kd_config_origin(const kd_config *c, const char *section, const char *key);
 /* Error naming where section.key was set: "FILE:LINE: [train] lr: MESSAGE". */
 kd_status kd_config_error(const kd_config *c, const char *section, const char *key, const char *fmt, ...)
     __attribute__((format(printf, 4, 5)));

@@ -13,15 +13,38 @@
  * Atomic. */
 kd_status kd_checkpoint_save(const kd_graph *g, const kd_model *m, const kd_dataset *ds, const char *path);
 /* Loads into model m; every tensor must be present with the model's exact
- * shape, and no unknown tensor may be present. Errors name path and tensor. */
+ * shape, and no unknown tensor may be present. Errors name path and tensor.
+ * Floating tensors may be F32, F16, BF16 or F64 (converted to float32). */
 kd_status kd_checkpoint_load(kd_graph *g, const kd_model *m, const char *path);
+/* The same for a checkpoint whose names are not ours (a PyTorch state_dict;
+ * docs/interop.md). names:
+ *   NULL or ""          the file uses the model's names (kd_checkpoint_load)
+ *   "auto"              pairs by leaf name ("weight", "running_var", ...) and
+ *                       shape; several of one leaf and shape are ordered by
+ *                       the numbers in their names and refused when the names
+ *                       differ otherwise
+ *   "A = B, C = D, ..." the file's tensor or module A is the model's B
+ *                       (commas or newlines separate pairs, '#' comments);
+ *                       tensors no pair names keep their names
+ *   "@FILE"             the pairs from FILE, relative to base_dir (NULL: the
+ *                       current directory) unless absolute
+ * Under a map a missing num_batches_tracked reads as 0. A file distill wrote
+ * (metadata format = distill/1) always loads by its own names. Errors name
+ * the file, both names of a tensor and both shapes; an ambiguous "auto"
+ * lists the candidates. */
+kd_status kd_checkpoint_load_names(kd_graph *g, const kd_model *m, const char *path, const char *names,
+                                   const char *base_dir);
 /* Reads the metadata a checkpoint needs to rebuild its model. */
 typedef struct kd_checkpoint_info {
     char model[256];
     int classes, c, h, w;
     float mean, std;
 } kd_checkpoint_info;
+/* Error when the metadata is missing or malformed. */
 kd_status kd_checkpoint_info_read(const char *path, kd_checkpoint_info *info);
+/* As kd_checkpoint_info_read, but a file without any of distill's metadata
+ * (a PyTorch state_dict) is not an error: *found = 0 and info zeroed. */
+kd_status kd_checkpoint_info_peek(const char *path, kd_checkpoint_info *info, int *found);
 
 typedef struct kd_log {
     FILE *metrics; /* metrics.jsonl or NULL */

@@ -381,6 +381,7 @@ static const struct {
     {"data", "labeled", "5000"},
     {"teacher", "model", "mlp: f128 d0.1 f64"},
     {"teacher", "checkpoint", "teach.safetensors"},
+    {"teacher", "names", "features.0 = conv1, classifier.1 = fc1"},
     {"teacher", "cache", "t.cache"},
     {"teacher", "ensemble", "a.st b.st"},
     {"teacher", "ensemble_weights", "1 2"},

@@ -1,25 +1,67 @@
 /* eval.c - `distill eval CHECKPOINT --data SPEC`: rebuild the model named
- * in the checkpoint's metadata, load it strictly, report accuracy. */
+ * in the checkpoint's metadata (or by --model, for a PyTorch state_dict
+ * without it), load it strictly (or through --names), report accuracy, and
+ * optionally write every logit (--logits) for comparisons with other tools. */
+#include <stdlib.h>
 #include <string.h>
 
 #include "cli/cli.h"
+#include "kd_io.h"
 #include "kd_train.h"
 
 static cli_opt eval_opts[] = {
     {"--data", "SPEC", "dataset: fashion-mnist:test (default), fashion-mnist:train, idx:IMAGES,LABELS", NULL},
     {"--batch", "N", "batch size (default 256)", NULL},
     {"--threads", "N", "threads (default: all cores)", NULL},
+    {"--model", "SPEC", "model spec, for a checkpoint without distill's metadata (PyTorch)", NULL},
+    {"--names", "MAP", "the checkpoint's names: auto, THEIRS=OURS,... or @FILE (docs/interop.md)", NULL},
+    {"--logits", "FILE", "also write the logits (N,K) and labels (N) as safetensors", NULL},
 };
 
 static cli_cmd eval_cmd = {
     .name = "eval",
     .synopsis = "CHECKPOINT [--data SPEC] [options]",
-    .about = "Evaluates a checkpoint written by distill (its metadata names the model) and\n"
-             "prints accuracy and mean cross-entropy.",
-    .examples = "  distill eval runs/fashion_teacher/teacher.safetensors --data fashion-mnist:test\n",
+    .about = "Evaluates a checkpoint and prints accuracy and mean cross-entropy. A checkpoint\n"
+             "written by distill names its model in its metadata; a PyTorch state_dict saved\n"
+             "with safetensors needs --model (classes and image size then come from the data,\n"
+             "normalisation from the dataset) and, unless its names are ours, --names.",
+    .examples = "  distill eval runs/fashion_teacher/teacher.safetensors --data fashion-mnist:test\n"
+                "  distill eval torch.safetensors --model \"cnn: c8 p c16 p f32\" --names auto --logits z.safetensors\n",
     .opts = eval_opts,
-    .n_opts = 3,
+    .n_opts = 6,
 };
+
+/* Runs the model over ds in order and writes logits (N,K) F32 and labels
+ * (N) I64 to path. */
+static kd_status write_logits(kd_classifier *c, const kd_dataset *ds, int batch, const char *ckpt, const char *path) {
+    int K = c->m.logits->val.shape[1];
+    float *z = kd_malloc((size_t)ds->n * K * sizeof(float));
+    int64_t *y = kd_malloc((size_t)ds->n * sizeof(int64_t));
+    kd_loader_opts lo = {.batch = batch};
+    kd_loader *ld = kd_loader_new(ds, &lo);
+    int B, at = 0;
+    while ((B = kd_loader_next(ld, c->x->val.data, c->y->val.data, NULL)) > 0) {
+        kd_graph_set_batch(c->g, B);
+        kd_graph_forward_to(c->g, 0, c->m.logits);
+        memcpy(z + (size_t)at * K, c->m.logits->val.data, (size_t)B * K * sizeof(float));
+        for (int b = 0; b < B; b++) y[at + b] = (int64_t)c->y->val.data[b];
+        at += B;
+    }
+    kd_loader_free(ld);
+    kd_st_writer *w = kd_st_writer_new();
+    int zs[2] = {ds->n, K};
+    int64_t ys[1] = {ds->n};
+    kd_st_add_f32(w, "logits", 2, zs, z);
+    kd_st_add(w, "labels", KD_I64, 1, ys, y);
+    kd_st_set_meta(w, "checkpoint", ckpt);
+    kd_st_set_meta(w, "model", c->m.spec);
+    kd_st_set_meta(w, "dataset", ds->name);
+    kd_status st = kd_st_write(w, path);
+    kd_st_writer_free(w);
+    free(z);
+    free(y);
+    return st;
+}
 
 int cmd_eval(int argc, char **argv) {
     const char *pos[1];
@@ -43,11 +85,23 @@ int cmd_eval(int argc, char **argv) {
     }
     cli_set_threads(threads);
     const char *spec = cli_get(&eval_cmd, "--data") ? cli_get(&eval_cmd, "--data") : "fashion-mnist:test";
+    const char *model = cli_get(&eval_cmd, "--model"), *names = cli_get(&eval_cmd, "--names");
+    const char *logits = cli_get(&eval_cmd, "--logits");
     kd_checkpoint_info info;
     kd_dataset ds = {0};
     kd_classifier c = {0};
-    st = kd_checkpoint_info_read(pos[0], &info);
+    int found = 1;
+    if (model)
+        st = kd_checkpoint_info_peek(pos[0], &info, &found);
+    else
+        st = kd_checkpoint_info_read(pos[0], &info);
     if (st == KD_OK) st = kd_dataset_load(spec, &ds);
+    if (st == KD_OK && !found) { /* no metadata: the data says what the model sees */
+        info.classes = ds.n_classes;
+        info.c = ds.c, info.h = ds.h, info.w = ds.w;
+        info.mean = ds.mean, info.std = ds.std;
+    }
+    if (st == KD_OK && model) snprintf(info.model, sizeof info.model, "%s", model);
     if (st == KD_OK && (ds.c != info.c || ds.h != info.h || ds.w != info.w))
         st = kd_errorf(KD_ESHAPE, "%s: images are %dx%dx%d, the checkpoint %s expects %dx%dx%d", spec, ds.c, ds.h, ds.w,
                        pos[0], info.c, info.h, info.w);
@@ -59,12 +113,16 @@ int cmd_eval(int argc, char **argv) {
                            pos[0], info.classes);
         ds.n_classes = info.classes;
     }
-    if (st == KD_OK) st = kd_classifier_new(&c, info.model, "", &ds, batch, 0.0f, 0);
-    if (st == KD_OK) st = kd_checkpoint_load(c.g, &c.m, pos[0]);
+    if (st == KD_OK) {
+        st = kd_classifier_new(&c, info.model, "", &ds, batch, 0.0f, 0);
+        if (st != KD_OK && model) st = kd_error_prefix(st, "--model");
+    }
+    if (st == KD_OK) st = kd_checkpoint_load_names(c.g, &c.m, pos[0], names, NULL);
     if (st == KD_OK) {
         kd_eval_result r = kd_evaluate(&c, &ds, batch);
         printf("%s on %s: accuracy %.2f%% (%d examples), loss %.4f\n", pos[0], spec, 100.0 * r.acc, r.n, r.loss);
     }
+    if (st == KD_OK && logits) st = write_logits(&c, &ds, batch, pos[0], logits);
     kd_classifier_free(&c);
     kd_dataset_free(&ds);
     if (st != KD_OK) {

@@ -213,7 +213,15 @@ static kd_status run_teacher(const kd_config *cfg, const kd_train_opts *base, co
     out->ran = 1;
     if (!log->quiet) fprintf(stderr, "distill: teacher %s, %lld params\n", spec, (long long)out->params);
     if (*ckpt && file_exists(ckpt)) {
-        st = kd_checkpoint_load(t.g, &t.m, ckpt);
+        /* a relative names = @FILE is found next to the config that set it */
+        const char *names = kd_config_str(cfg, "teacher", "names"), *origin = kd_config_origin(cfg, "teacher", "names");
+        char dir_of[4096] = "";
+        if (strcmp(origin, "default") != 0 && strcmp(origin, "command line") != 0) {
+            char tmp[4096];
+            snprintf(tmp, sizeof tmp, "%s", origin);
+            snprintf(dir_of, sizeof dir_of, "%s", dirname(tmp));
+        }
+        st = kd_checkpoint_load_names(t.g, &t.m, ckpt, names, *dir_of ? dir_of : NULL);
         if (st == KD_OK) {
             out->loaded = 1;
             out->tr.test = kd_evaluate(&t, test, base->batch);
@@ -483,6 +491,8 @@ int cmd_run(int argc, char **argv) {
         st = kd_config_error(cfg, "teacher", "crop", "must be -1 (as [data]) or in [0, 16]");
     if (st == KD_OK && (kd_config_int(cfg, "teacher", "flip") < -1 || kd_config_int(cfg, "teacher", "flip") > 1))
         st = kd_config_error(cfg, "teacher", "flip", "must be -1 (as [data]), 0 or 1");
+    if (st == KD_OK && *kd_config_str(cfg, "teacher", "names") && !*kd_config_str(cfg, "teacher", "checkpoint"))
+        st = kd_config_error(cfg, "teacher", "names", "needs [teacher] checkpoint (the file whose names it maps)");
     if (st == KD_OK && kd_config_int(cfg, "distill", "baseline_epochs") < 0)
         st = kd_config_error(cfg, "distill", "baseline_epochs", "must be >= 0");
     const char *sspec = st == KD_OK ? kd_config_str(cfg, "student", "model") : "";

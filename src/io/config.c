@@ -41,6 +41,8 @@ static const entry schema[] = {
      "only the first N training examples keep labels; the rest are an unlabelled transfer set (0: all labelled)"},
     {"teacher", "model", T_STR, "cnn: c32 c32 p c64 c64 p f256 d0.3", "teacher model spec (docs/models.md)"},
     {"teacher", "checkpoint", T_STR, "", "load the teacher from here if the file exists, else train and save it here"},
+    {"teacher", "names", T_STR, "",
+     "checkpoint from PyTorch: auto, THEIRS=OURS pairs or @FILE of them (docs/interop.md); empty: our names"},
     {"teacher", "cache", T_STR, "", "read the teacher's logits from this file (distill cache) instead of running it"},
     {"teacher", "ensemble", T_STR, "",
      "several teacher checkpoints (space-separated) whose averaged logits teach; replaces model/checkpoint"},
@@ -389,6 +391,12 @@ int kd_config_is_set(const kd_config *c, const char *section, const char *key) {
     int i = find(section, key);
     KD_ASSERT(i >= 0, "config key [%s] %s is not in the schema", section, key);
     return c->v[i].set;
+}
+
+const char *kd_config_origin(const kd_config *c, const char *section, const char *key) {
+    int i = find(section, key);
+    KD_ASSERT(i >= 0, "config key [%s] %s is not in the schema", section, key);
+    return c->v[i].origin;
 }
 
 kd_status kd_config_error(const kd_config *c, const char *section, const char *key, const char *fmt, ...) {
