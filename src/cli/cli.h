@@ -36,5 +36,6 @@ int cmd_eval(int argc, char **argv);
 int cmd_loss(int argc, char **argv);
 int cmd_cache(int argc, char **argv);
 int cmd_export(int argc, char **argv);
+int cmd_report(int argc, char **argv);
 
 #endif

@@ -12,6 +12,7 @@ static void usage(FILE *f) {
             "  eval CHECKPOINT --data SPEC             accuracy of a checkpoint on a dataset\n"
             "  cache TEACHER --out FILE                store a teacher's logits for cached distillation\n"
             "  export CHECKPOINT --c DIR               the model as dependency-free C99\n"
+            "  report RUN... [--out FILE]              self-contained HTML report of runs (overlaid)\n"
             "  loss \"SPEC\" --in X --out Y             a loss and its gradients on given tensors\n\n"
             "Every command takes --help. distill --version prints the version.\n",
             KD_VERSION);
@@ -36,6 +37,7 @@ int main(int argc, char **argv) {
     if (strcmp(c, "loss") == 0) return cmd_loss(argc - 2, argv + 2);
     if (strcmp(c, "cache") == 0) return cmd_cache(argc - 2, argv + 2);
     if (strcmp(c, "export") == 0) return cmd_export(argc - 2, argv + 2);
+    if (strcmp(c, "report") == 0) return cmd_report(argc - 2, argv + 2);
     fprintf(stderr, "distill: unknown command '%s'\n\n", c);
     usage(stderr);
     return 2;
