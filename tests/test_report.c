@@ -78,7 +78,7 @@ static point expect[MAX_POINTS];
 static int n_expect;
 
 /* The metrics a report plots and what each is plotted against (docs/report.md). */
-static const char *const METRIC_X[][2] = {{"loss", "step"},     {"train_loss", "epoch"}, {"test_loss", "epoch"},
+static const char *const METRIC_X[][2] = {{"loss", "step"},      {"train_loss", "epoch"}, {"test_loss", "epoch"},
                                           {"test_acc", "epoch"}, {"val_loss", "step"},    {"val_ppl", "step"},
                                           {"lr", "step"}};
 enum { N_METRIC = sizeof METRIC_X / sizeof METRIC_X[0] };
@@ -149,8 +149,8 @@ static acc3 write_run(const char *name, int seed, int flags) {
         for (int s = 10; s <= 200; s += 10) {
             record(f, name, "student", 1, s, "loss", val(seed, s, 2, 6), "lr", val(seed, s + 1, 0, 1e-3), NULL);
             if (s % 50 == 0)
-                record(f, name, "student", 1, s, "val_loss", val(seed, s + 2, 2, 5), "val_ppl", val(seed, s + 3, 8, 150),
-                       NULL);
+                record(f, name, "student", 1, s, "val_loss", val(seed, s + 2, 2, 5), "val_ppl",
+                       val(seed, s + 3, 8, 150), NULL);
         }
     } else {
         const char *roles[3] = {"teacher", "baseline", "student"};
@@ -170,8 +170,9 @@ static acc3 write_run(const char *name, int seed, int flags) {
                 }
                 double tl = val(seed, r * 100 + e, 0.05, 1.2);
                 if (e % 2 == 0 || e == epochs[r])
-                    record(f, name, roles[r], e, step, "train_loss", tl, "test_loss", val(seed, r * 100 + e + 50, 0.2, 1),
-                           "test_acc", val(seed, r * 100 + e + 60, 0.5, 0.95), NULL);
+                    record(f, name, roles[r], e, step, "train_loss", tl, "test_loss",
+                           val(seed, r * 100 + e + 50, 0.2, 1), "test_acc", val(seed, r * 100 + e + 60, 0.5, 0.95),
+                           NULL);
                 else
                     record(f, name, roles[r], e, step, "train_loss", tl, NULL);
             }
@@ -194,13 +195,14 @@ static acc3 write_run(const char *name, int seed, int flags) {
     CHECK(fclose(f) == 0);
     if (!(flags & F_NO_SUMMARY) && !(flags & F_LM)) {
         char s[2048];
-        snprintf(s, sizeof s,
-                 "{\"teacher\": {\"model\": \"cnn: c8 p\", \"test_acc\": %.17g, \"test_loss\": 0.31, \"params\": 12345},\n"
-                 " \"baseline\": {\"model\": \"mlp: 16\", \"test_acc\": %.17g, \"params\": 999},\n"
-                 " \"student\": {\"model\": \"mlp: 16\", \"test_acc\": %.17g, \"params\": 999},\n"
-                 " %s\"loss\": \"kd(T=4)\", \"threads\": 2}\n",
-                 a.teacher, a.baseline, a.student,
-                 flags & F_MACHINE ? "\"machine\": {\"cpu\": \"Test CPU <x>\", \"cores\": 3}, " : "");
+        snprintf(
+            s, sizeof s,
+            "{\"teacher\": {\"model\": \"cnn: c8 p\", \"test_acc\": %.17g, \"test_loss\": 0.31, \"params\": 12345},\n"
+            " \"baseline\": {\"model\": \"mlp: 16\", \"test_acc\": %.17g, \"params\": 999},\n"
+            " \"student\": {\"model\": \"mlp: 16\", \"test_acc\": %.17g, \"params\": 999},\n"
+            " %s\"loss\": \"kd(T=4)\", \"threads\": 2}\n",
+            a.teacher, a.baseline, a.student,
+            flags & F_MACHINE ? "\"machine\": {\"cpu\": \"Test CPU <x>\", \"cores\": 3}, " : "");
         snprintf(p, sizeof p, "%s/summary.json", dir);
         CHECK(spit(p, s));
     }
@@ -225,7 +227,8 @@ static char *attr(const char *tag_start, const char *tag_end, const char *name, 
     const char *q = strchr(p, '"');
     if (!q || q > tag_end) return NULL;
     size_t k = 0; /* unescape the five entities the page writes */
-    static const char *const ent[][2] = {{"&amp;", "&"}, {"&lt;", "<"}, {"&gt;", ">"}, {"&quot;", "\""}, {"&#39;", "'"}};
+    static const char *const ent[][2] = {
+        {"&amp;", "&"}, {"&lt;", "<"}, {"&gt;", ">"}, {"&quot;", "\""}, {"&#39;", "'"}};
     while (p < q && k + 1 < n) {
         int hit = 0;
         for (int i = 0; i < 5 && !hit; i++)
@@ -311,7 +314,8 @@ static int structure_ok(const char *h) {
 }
 
 static int self_contained(const char *h) {
-    const char *bad[] = {"http://", "https://", "src=", "href=", "<script", "url(", "@import", "<link", "<img", "<iframe"};
+    const char *bad[] = {"http://", "https://", "src=",  "href=", "<script",
+                         "url(",    "@import",  "<link", "<img",  "<iframe"};
     int ok = 1;
     for (int i = 0; i < 10; i++)
         if (strstr(h, bad[i])) {
@@ -363,7 +367,9 @@ static int points_match(const char *h) {
                 }
             }
             if (!found) {
-                if (ok) fprintf(stderr, "  plotted but not in metrics.jsonl: %s %s %s x=%s y=%s\n", run, role, metric, xs, ys);
+                if (ok)
+                    fprintf(stderr, "  plotted but not in metrics.jsonl: %s %s %s x=%s y=%s\n", run, role, metric, xs,
+                            ys);
                 ok = 0;
             }
         }
@@ -382,8 +388,8 @@ static int points_match(const char *h) {
     int missed = 0;
     for (int i = 0; i < n_expect; i++)
         if (!expect[i].seen && missed++ < 3)
-            fprintf(stderr, "  not plotted: %s %s %s x=%.17g y=%.17g\n", expect[i].run, expect[i].role, expect[i].metric,
-                    expect[i].x, expect[i].y);
+            fprintf(stderr, "  not plotted: %s %s %s x=%.17g y=%.17g\n", expect[i].run, expect[i].role,
+                    expect[i].metric, expect[i].x, expect[i].y);
     if (missed || circles != n_expect) {
         fprintf(stderr, "  %d circles, %d values in metrics.jsonl, %d not plotted\n", circles, n_expect, missed);
         ok = 0;
@@ -593,8 +599,10 @@ static void test_errors(void) {
         cJSON *o = cJSON_CreateObject();
         kd_report_add_machine(o);
         const cJSON *m = cJSON_GetObjectItemCaseSensitive(o, "machine");
-        const cJSON *cpu = cJSON_GetObjectItemCaseSensitive(m, "cpu"), *cores = cJSON_GetObjectItemCaseSensitive(m, "cores");
-        const cJSON *ver = cJSON_GetObjectItemCaseSensitive(m, "distill"), *cc = cJSON_GetObjectItemCaseSensitive(m, "compiler");
+        const cJSON *cpu = cJSON_GetObjectItemCaseSensitive(m, "cpu"),
+                    *cores = cJSON_GetObjectItemCaseSensitive(m, "cores");
+        const cJSON *ver = cJSON_GetObjectItemCaseSensitive(m, "distill"),
+                    *cc = cJSON_GetObjectItemCaseSensitive(m, "compiler");
         CHECK(cJSON_IsString(cpu) && cpu->valuestring[0]);
         CHECK(cJSON_IsNumber(cores) && cores->valuedouble >= 1);
         CHECK(cJSON_IsString(ver) && strcmp(ver->valuestring, KD_VERSION) == 0);
@@ -650,8 +658,8 @@ static void res_free(cli_res *r) {
 /* stderr's last line is the only "distill: error: " line and holds needle */
 static int one_error(const cli_res *r, const char *needle) {
     const char *first = strstr(r->err, "distill: error: ");
-    int ok = first && !strstr(first + 1, "distill: error: ") && strchr(first, '\n') &&
-             strchr(first, '\n')[1] == '\0' && strstr(first, needle);
+    int ok = first && !strstr(first + 1, "distill: error: ") && strchr(first, '\n') && strchr(first, '\n')[1] == '\0' &&
+             strstr(first, needle);
     if (!ok) fprintf(stderr, "  stderr: %s", r->err);
     return ok;
 }

@@ -67,11 +67,21 @@ static void besc(rbuf *b, const char *s) {
     for (; *s; s++) {
         unsigned char ch = (unsigned char)*s;
         switch (ch) {
-        case '&': bput(b, "&amp;"); break;
-        case '<': bput(b, "&lt;"); break;
-        case '>': bput(b, "&gt;"); break;
-        case '"': bput(b, "&quot;"); break;
-        case '\'': bput(b, "&#39;"); break;
+        case '&':
+            bput(b, "&amp;");
+            break;
+        case '<':
+            bput(b, "&lt;");
+            break;
+        case '>':
+            bput(b, "&gt;");
+            break;
+        case '"':
+            bput(b, "&quot;");
+            break;
+        case '\'':
+            bput(b, "&#39;");
+            break;
         default:
             if ((ch < 0x20 && ch != '\t' && ch != '\n') || ch == 0x7f) {
                 bput(b, "&#xFFFD;");
@@ -144,7 +154,7 @@ typedef struct rp_run {
     char *dir, *label;
     cJSON *summary; /* NULL: missing or unreadable */
     rp_cfg *cfg;
-    int n_cfg, has_cfg;
+    int n_cfg;
 } rp_run;
 
 typedef struct rp_ctx {
@@ -351,8 +361,9 @@ static kd_status read_summary(rp_ctx *c, int r) {
     char *txt = slurp(path);
     if (!txt) {
         if (errno != ENOENT) return kd_errorf(KD_EIO, "%s: cannot read: %s", path, strerror(errno));
-        note(c, r, "no summary.json: the run did not finish (it failed, was stopped, or is still running); the curves "
-                   "show what it logged.");
+        note(c, r,
+             "no summary.json: the run did not finish (it failed, was stopped, or is still running); the curves "
+             "show what it logged.");
         return KD_OK;
     }
     cJSON *j = cJSON_ParseWithOpts(txt, NULL, 1);
@@ -385,7 +396,6 @@ static kd_status read_config(rp_ctx *c, int r) {
         note(c, r, "no config.ini.");
         return KD_OK;
     }
-    run->has_cfg = 1;
     char *section = kd_strdup("");
     for (char *ln = txt; ln && *ln;) {
         char *nl = strchr(ln, '\n');
@@ -479,7 +489,7 @@ void kd_report_add_machine(struct cJSON *obj) {
 #else
     cJSON_AddStringToObject(m, "compiler", "unknown");
 #endif
-    snprintf(buf, sizeof buf, "OpenBLAS %s", openblas_get_config());
+    snprintf(buf, sizeof buf, "%s", openblas_get_config());
     cJSON_AddStringToObject(m, "blas", trim(buf));
     cJSON_AddStringToObject(m, "distill", KD_VERSION);
 }
@@ -502,7 +512,8 @@ static const char CSS[] =
     "table{border-collapse:collapse;font-size:13px;margin:4px 0}\n"
     "th,td{padding:3px 10px;text-align:left;border-bottom:1px solid #eee;vertical-align:top}\n"
     "thead th{background:#f4f4f4}td.num{text-align:right;font-variant-numeric:tabular-nums}\n"
-    "tr.sec th{background:#eef1f8;font-weight:600}tr.differs td{background:#fff4d6}\n"
+    "tr.differs td{background:#fff4d6}table.machine td.num{text-align:left}\n"
+    ".cfg{display:flex;flex-wrap:wrap;gap:6px 22px;align-items:flex-start}.cfg thead th{background:#eef1f8}\n"
     "tr.unfinished td{color:#a33}\n"
     ".notes li{color:#8a4b00}\n"
     ".charts{display:grid;grid-template-columns:repeat(auto-fill,minmax(520px,1fr));gap:14px}\n"
@@ -590,8 +601,8 @@ static void chart(rbuf *b, const rp_ctx *c, int m) {
     const double px0 = ML, px1 = W - MR, py0 = MT, py1 = H - MB;
 #define PX(v) (px0 + ((v)-ax.lo) / (ax.hi - ax.lo) * (px1 - px0))
 #define PY(v) (py1 - ((v)-ay.lo) / (ay.hi - ay.lo) * (py1 - py0))
-    bput(b, "<figure class=\"chart\" id=\"chart-%s\">\n<figcaption>%s <span>vs %s</span></figcaption>\n", M->key, M->title,
-         M->x);
+    bput(b, "<figure class=\"chart\" id=\"chart-%s\">\n<figcaption>%s <span>vs %s</span></figcaption>\n", M->key,
+         M->title, M->x);
     bput(b,
          "<svg class=\"chart\" data-metric=\"%s\" viewBox=\"0 0 %d %d\" width=\"%d\" height=\"%d\" role=\"img\" "
          "aria-label=\"%s\">\n",
@@ -616,7 +627,8 @@ static void chart(rbuf *b, const rp_ctx *c, int m) {
     }
     bput(b, "<rect class=\"frame\" x=\"%.1f\" y=\"%.1f\" width=\"%.1f\" height=\"%.1f\"/>\n", px0, py0, px1 - px0,
          py1 - py0);
-    bput(b, "<text class=\"label\" x=\"%.1f\" y=\"%d\" text-anchor=\"middle\">%s</text>\n", (px0 + px1) / 2, H - 8, M->x);
+    bput(b, "<text class=\"label\" x=\"%.1f\" y=\"%d\" text-anchor=\"middle\">%s</text>\n", (px0 + px1) / 2, H - 8,
+         M->x);
     bput(b, "<text class=\"label\" transform=\"translate(14 %.1f) rotate(-90)\" text-anchor=\"middle\">%s</text>\n",
          (py0 + py1) / 2, M->ylabel);
     bput(b, "</g>\n");
@@ -672,12 +684,12 @@ static void chart(rbuf *b, const rp_ctx *c, int m) {
 
 static const char *pretty_key(const char *k) {
     static const char *const names[][2] = {
-        {"model", "model"},        {"test_acc", "test acc"},          {"test_loss", "test loss"},
-        {"params", "params"},      {"train_seconds", "train time"},   {"samples_per_second", "samples/s"},
-        {"loaded", "loaded"},      {"val_loss", "val loss"},          {"val_ppl", "val ppl"},
-        {"loss", "loss spec"},     {"threads", "threads"},            {"cpu", "CPU"},
-        {"cores", "cores"},        {"memory_gib", "memory"},          {"os", "OS"},
-        {"kernel", "kernel"},      {"compiler", "compiler"},          {"blas", "BLAS"},
+        {"model", "model"},     {"test_acc", "test acc"},        {"test_loss", "test loss"},
+        {"params", "params"},   {"train_seconds", "train time"}, {"samples_per_second", "samples/s"},
+        {"loaded", "loaded"},   {"val_loss", "val loss"},        {"val_ppl", "val ppl"},
+        {"loss", "loss spec"},  {"threads", "threads"},          {"cpu", "CPU"},
+        {"cores", "cores"},     {"memory_gib", "memory"},        {"os", "OS"},
+        {"kernel", "kernel"},   {"compiler", "compiler"},        {"blas", "BLAS"},
         {"distill", "distill"},
     };
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
@@ -745,9 +757,7 @@ static int key_union(const cJSON *const *objs, int n, const char **keys, int max
     return nk;
 }
 
-static int is_role_obj(const cJSON *v) {
-    return cJSON_IsObject(v) && v->string && strcmp(v->string, "machine") != 0;
-}
+static int is_role_obj(const cJSON *v) { return cJSON_IsObject(v) && v->string && strcmp(v->string, "machine") != 0; }
 
 static void runs_section(rbuf *b, const rp_ctx *c) {
     enum { MAXK = 64 };
@@ -847,35 +857,41 @@ static const char *cfg_get(const rp_run *run, const char *section, const char *k
 }
 
 static void config_section(rbuf *b, const rp_ctx *c) {
-    int multi = c->n_runs > 1, any = 0;
-    for (int r = 0; r < c->n_runs; r++) any |= c->runs[r].has_cfg;
+    int multi = c->n_runs > 1, n = 0;
+    for (int r = 0; r < c->n_runs; r++) n += c->runs[r].n_cfg;
     bput(b, "<h2 id=\"config\">Configuration</h2>\n");
-    if (!any) {
-        bput(b, "<p>No config.ini.</p>\n");
+    if (!n) {
+        bput(b, "<p>No config.ini (or an empty one).</p>\n");
         return;
     }
-    if (multi) bput(b, "<p>Resolved config.ini of each run; highlighted rows differ between runs.</p>\n");
-    bput(b, "<table class=\"config\">\n<thead><tr><th>key</th>");
-    for (int r = 0; r < c->n_runs; r++) {
-        bput(b, "<th>");
-        besc(b, multi ? c->runs[r].label : "value");
-        bput(b, "</th>");
-    }
-    bput(b, "</tr></thead>\n<tbody>\n");
-    const char *prev = NULL;
-    for (int r = 0; r < c->n_runs; r++) {
-        const rp_run *run = &c->runs[r];
-        for (int i = 0; i < run->n_cfg; i++) {
-            const rp_cfg *e = &run->cfg[i];
-            int earlier = 0; /* the union's order: first appearance */
+    /* the union of (section, key) over the runs, in order of first appearance */
+    const rp_cfg **u = kd_malloc((size_t)n * sizeof *u);
+    int nu = 0;
+    for (int r = 0; r < c->n_runs; r++)
+        for (int i = 0; i < c->runs[r].n_cfg; i++) {
+            const rp_cfg *e = &c->runs[r].cfg[i];
+            int earlier = 0;
             for (int q = 0; q < r && !earlier; q++) earlier = cfg_get(&c->runs[q], e->section, e->key) != NULL;
-            if (earlier) continue;
-            if (!prev || strcmp(prev, e->section) != 0) {
-                bput(b, "<tr class=\"sec\"><th colspan=\"%d\">[", c->n_runs + 1);
-                besc(b, e->section);
-                bput(b, "]</th></tr>\n");
-                prev = e->section;
-            }
+            if (!earlier) u[nu++] = e;
+        }
+    if (multi) bput(b, "<p>The resolved config.ini of each run; highlighted rows differ between runs.</p>\n");
+    bput(b, "<div class=\"cfg\">\n");
+    for (int i = 0; i < nu; i++) { /* one table per section, at its first key */
+        int first = 1;
+        for (int k = 0; k < i && first; k++) first = strcmp(u[k]->section, u[i]->section) != 0;
+        if (!first) continue;
+        bput(b, "<table class=\"config\">\n<thead><tr><th>[");
+        besc(b, u[i]->section);
+        bput(b, "]</th>");
+        for (int r = 0; r < c->n_runs; r++) {
+            bput(b, "<th>");
+            if (multi) besc(b, c->runs[r].label);
+            bput(b, "</th>");
+        }
+        bput(b, "</tr></thead>\n<tbody>\n");
+        for (int k = i; k < nu; k++) {
+            const rp_cfg *e = u[k];
+            if (strcmp(e->section, u[i]->section) != 0) continue;
             int differs = 0;
             for (int q = 0; q < c->n_runs; q++) {
                 const char *v = cfg_get(&c->runs[q], e->section, e->key);
@@ -895,8 +911,10 @@ static void config_section(rbuf *b, const rp_ctx *c) {
             }
             bput(b, "</tr>\n");
         }
+        bput(b, "</tbody>\n</table>\n");
     }
-    bput(b, "</tbody>\n</table>\n");
+    bput(b, "</div>\n");
+    free(u);
 }
 
 static void machine_section(rbuf *b, const rp_ctx *c) {
@@ -949,13 +967,15 @@ static void page(rbuf *b, const rp_ctx *c) {
         if (r) bput(b, ", ");
         besc(b, c->runs[r].label);
     }
-    bput(b, "</title>\n<style>\n%s</style>\n</head>\n<body>\n<header>\n<h1>distill report</h1>\n<p class=\"sub\">", CSS);
+    bput(b, "</title>\n<style>\n%s</style>\n</head>\n<body>\n<header>\n<h1>distill report</h1>\n<p class=\"sub\">",
+         CSS);
     for (int r = 0; r < c->n_runs; r++) {
         if (r) bput(b, " &middot; ");
         besc(b, c->runs[r].label);
     }
     bput(b, " &mdash; written by distill %s</p>\n</header>\n", KD_VERSION);
-    if (c->notes.n) bput(b, "<section id=\"notes\">\n<h2>Notes</h2>\n<ul class=\"notes\">\n%s</ul>\n</section>\n", c->notes.s);
+    if (c->notes.n)
+        bput(b, "<section id=\"notes\">\n<h2>Notes</h2>\n<ul class=\"notes\">\n%s</ul>\n</section>\n", c->notes.s);
     bput(b, "<section>\n");
     runs_section(b, c);
     results_section(b, c);
