@@ -505,6 +505,38 @@ static void test_broken_run(void) {
     free(h);
 }
 
+/* Values at the ends of the double range, one-point series, a role-less
+ * line: still a well-formed page with finite coordinates. */
+static void test_extreme_values(void) {
+    char dir[300], out[400], p[500];
+    n_expect = 0;
+    snprintf(dir, sizeof dir, "%s/extreme", T);
+    mkdir(dir, 0755);
+    snprintf(p, sizeof p, "%s/metrics.jsonl", dir);
+    FILE *f = fopen(p, "w");
+    CHECK(f != NULL);
+    if (!f) return;
+    record(f, "extreme", "teacher", 1, 1, "loss", 1e300, "lr", 5e-324, NULL);
+    record(f, "extreme", "teacher", 1, 2, "loss", -1e300, "lr", 5e-324, NULL);
+    record(f, "extreme", "student", 7, 0, "test_acc", 0.5, NULL);
+    fputs("{\"epoch\":2,\"test_loss\":0.25}\n", f); /* no role: plotted as "run" */
+    expect_point("extreme", "run", "test_loss", 2, 0.25);
+    CHECK(fclose(f) == 0);
+    snprintf(out, sizeof out, "%s/extreme.html", T);
+    const char *dirs[1] = {dir};
+    kd_status st;
+    char *h = report_of(dirs, 1, out, &st);
+    TEST("report: extreme values and one-point series") {
+        CHECK(st == KD_OK && h);
+        if (!h) return;
+        CHECK(structure_ok(h));
+        CHECK(points_match(h));
+        CHECK(!strstr(h, "\"nan") && !strstr(h, "\"-nan") && !strstr(h, "\"inf") && !strstr(h, "\"-inf"));
+        CHECK(strstr(h, "no summary.json") && strstr(h, "no config.ini"));
+    }
+    free(h);
+}
+
 static void test_lm_run(void) {
     char dir[300], out[400];
     n_expect = 0;
@@ -785,6 +817,7 @@ void test_report(void) {
     mkdir(T, 0755);
     test_one_run();
     test_broken_run();
+    test_extreme_values();
     test_lm_run();
     test_overlay();
     test_errors();

@@ -540,6 +540,10 @@ static axis make_axis(double mn, double mx, int integer) {
         if (integer && d < 1.0) d = 1.0;
         mn -= d;
         mx += d;
+        if (!(mx > mn)) { /* d underflowed (subnormal values) */
+            mn -= 1.0;
+            mx += 1.0;
+        }
     }
     double raw = (mx - mn) / 5.0;
     if (!isfinite(raw) || raw <= 0) { /* a span near DBL_MAX: no rounding */
