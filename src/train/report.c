@@ -1,13 +1,11 @@
 /* report.c - report.html for one or more run directories (kd_report.h,
- * docs/report.md).
+ * docs/report.md): reading the runs; report_page.c writes the page.
  *
  * Reads each run's metrics.jsonl (one JSON object per line), summary.json
- * and config.ini, and writes one page: notes, the runs, results, one
- * inline-SVG chart per known metric, the configuration and the machine.
- * The page is built in memory and written atomically. Everything that
- * comes from a file is HTML-escaped; plotted points carry their values as
- * data-x/data-y (shortest text that reads back as the same double) so a
- * test can compare the page with metrics.jsonl.
+ * and config.ini into a kd_rp_ctx (report.h): the points of each (run,
+ * role, metric), the notes to show, the summary and the config entries;
+ * the page is then built in memory and written atomically. Everything
+ * that comes from a file is HTML-escaped when the page is written.
  *
  * Tolerance: a line that is not a JSON object is skipped and counted; the
  * trainer prints numbers with printf, so a NaN or Inf would appear as a bare
@@ -18,10 +16,8 @@
  * other unknown key are not plotted; no JavaScript (no zoom, no toggles).
  */
 #include <cblas.h>
-#include <cjson/cJSON.h>
 #include <ctype.h>
 #include <errno.h>
-#include <limits.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdlib.h>
@@ -30,16 +26,11 @@
 #include <sys/utsname.h>
 #include <unistd.h>
 
-#include "kd_report.h"
+#include "train/report.h"
 
 /* ---------------------------------------------------------------- text */
 
-typedef struct rbuf {
-    char *s;
-    size_t n, cap;
-} rbuf;
-
-static void bgrow(rbuf *b, size_t extra) {
+static void rbuf_grow(kd_rbuf *b, size_t extra) {
     if (b->n + extra + 1 <= b->cap) return;
     size_t cap = b->cap ? b->cap : 4096;
     while (cap < b->n + extra + 1) cap *= 2;
@@ -47,72 +38,48 @@ static void bgrow(rbuf *b, size_t extra) {
     b->cap = cap;
 }
 
-static void bput(rbuf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void bput(rbuf *b, const char *fmt, ...) {
+void kd_rbuf_put(kd_rbuf *b, const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
     int k = vsnprintf(NULL, 0, fmt, ap);
     va_end(ap);
     KD_ASSERT(k >= 0, "bad format %s", fmt);
-    bgrow(b, (size_t)k);
+    rbuf_grow(b, (size_t)k);
     va_start(ap, fmt);
     vsnprintf(b->s + b->n, (size_t)k + 1, fmt, ap);
     va_end(ap);
     b->n += (size_t)k;
 }
 
-/* s escaped for HTML text and attribute values; control characters (which
- * HTML does not allow) become U+FFFD. */
-static void besc(rbuf *b, const char *s) {
+void kd_rbuf_esc(kd_rbuf *b, const char *s) {
     for (; *s; s++) {
         unsigned char ch = (unsigned char)*s;
         switch (ch) {
         case '&':
-            bput(b, "&amp;");
+            kd_rbuf_put(b, "&amp;");
             break;
         case '<':
-            bput(b, "&lt;");
+            kd_rbuf_put(b, "&lt;");
             break;
         case '>':
-            bput(b, "&gt;");
+            kd_rbuf_put(b, "&gt;");
             break;
         case '"':
-            bput(b, "&quot;");
+            kd_rbuf_put(b, "&quot;");
             break;
         case '\'':
-            bput(b, "&#39;");
+            kd_rbuf_put(b, "&#39;");
             break;
         default:
             if ((ch < 0x20 && ch != '\t' && ch != '\n') || ch == 0x7f) {
-                bput(b, "&#xFFFD;");
+                kd_rbuf_put(b, "&#xFFFD;");
             } else {
-                bgrow(b, 1);
+                rbuf_grow(b, 1);
                 b->s[b->n++] = (char)ch;
                 b->s[b->n] = '\0';
             }
         }
     }
-}
-
-/* The shortest %g text that reads back as exactly v. */
-static void fmt_exact(char *out, size_t n, double v) {
-    for (int p = 6; p <= 17; p++) {
-        snprintf(out, n, "%.*g", p, v);
-        if (strtod(out, NULL) == v) return;
-    }
-}
-
-/* 1234567 -> "1,234,567" */
-static void fmt_int(char *out, size_t n, double v) {
-    char d[64];
-    snprintf(d, sizeof d, "%.0f", fabs(v));
-    size_t L = strlen(d), k = 0;
-    if (v < 0 && k + 1 < n) out[k++] = '-';
-    for (size_t i = 0; i < L && k + 2 < n; i++) {
-        if (i && (L - i) % 3 == 0) out[k++] = ',';
-        out[k++] = d[i];
-    }
-    out[k] = '\0';
 }
 
 static char *xstrdup_n(const char *s, size_t n) {
@@ -124,11 +91,7 @@ static char *xstrdup_n(const char *s, size_t n) {
 
 /* ---------------------------------------------------------------- model */
 
-/* The metrics the page knows, in the order their charts appear. */
-static const struct rp_metric {
-    const char *key, *x, *title, *ylabel;
-    int percent; /* tick labels as percentages */
-} METRICS[] = {
+const kd_rp_metric kd_report_metrics[KD_REPORT_N_METRICS] = {
     {"loss", "step", "Training loss (per logged step)", "loss", 0},
     {"train_loss", "epoch", "Training loss (epoch mean)", "loss", 0},
     {"test_loss", "epoch", "Test loss", "cross-entropy", 0},
@@ -137,51 +100,22 @@ static const struct rp_metric {
     {"val_ppl", "step", "Validation perplexity", "perplexity", 0},
     {"lr", "step", "Learning rate", "learning rate", 0},
 };
-enum { N_METRICS = sizeof METRICS / sizeof METRICS[0] };
 
-/* One line of a chart: the points of one metric for one (run, role). */
-typedef struct rp_series {
-    int run, metric, role;
-    double *x, *y;
-    int n, cap;
-} rp_series;
-
-typedef struct rp_cfg {
-    char *section, *key, *value;
-} rp_cfg;
-
-typedef struct rp_run {
-    char *dir, *label;
-    cJSON *summary; /* NULL: missing or unreadable */
-    rp_cfg *cfg;
-    int n_cfg;
-} rp_run;
-
-typedef struct rp_ctx {
-    rp_run *runs;
-    int n_runs;
-    rp_series *ser;
-    int n_ser, cap_ser;
-    char **roles; /* in order of first appearance: a role's colour */
-    int n_roles;
-    rbuf notes; /* <li> items */
-} rp_ctx;
-
-static void note(rp_ctx *c, int run, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
-static void note(rp_ctx *c, int run, const char *fmt, ...) {
+static void note(kd_rp_ctx *c, int run, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static void note(kd_rp_ctx *c, int run, const char *fmt, ...) {
     char msg[1024];
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(msg, sizeof msg, fmt, ap);
     va_end(ap);
-    bput(&c->notes, "<li><b>");
-    besc(&c->notes, c->runs[run].label);
-    bput(&c->notes, "</b>: ");
-    besc(&c->notes, msg);
-    bput(&c->notes, "</li>\n");
+    kd_rbuf_put(&c->notes, "<li><b>");
+    kd_rbuf_esc(&c->notes, c->runs[run].label);
+    kd_rbuf_put(&c->notes, "</b>: ");
+    kd_rbuf_esc(&c->notes, msg);
+    kd_rbuf_put(&c->notes, "</li>\n");
 }
 
-static int role_id(rp_ctx *c, const char *role) {
+static int role_id(kd_rp_ctx *c, const char *role) {
     for (int i = 0; i < c->n_roles; i++)
         if (strcmp(c->roles[i], role) == 0) return i;
     c->roles = kd_realloc(c->roles, (size_t)(c->n_roles + 1) * sizeof *c->roles);
@@ -189,8 +123,8 @@ static int role_id(rp_ctx *c, const char *role) {
     return c->n_roles++;
 }
 
-static void add_point(rp_ctx *c, int run, int metric, int role, double x, double y) {
-    rp_series *s = NULL;
+static void add_point(kd_rp_ctx *c, int run, int metric, int role, double x, double y) {
+    kd_rp_series *s = NULL;
     for (int i = c->n_ser - 1; i >= 0 && !s; i--)
         if (c->ser[i].run == run && c->ser[i].metric == metric && c->ser[i].role == role) s = &c->ser[i];
     if (!s) {
@@ -268,7 +202,7 @@ static cJSON *parse_line(const char *s, int *patched) {
     return j;
 }
 
-static kd_status read_metrics(rp_ctx *c, int r) {
+static kd_status read_metrics(kd_rp_ctx *c, int r) {
     char path[4200];
     snprintf(path, sizeof path, "%s/metrics.jsonl", c->runs[r].dir);
     FILE *f = fopen(path, "r");
@@ -294,19 +228,20 @@ static kd_status read_metrics(rp_ctx *c, int r) {
         }
         const cJSON *rv = cJSON_GetObjectItemCaseSensitive(j, "role");
         const char *role = cJSON_IsString(rv) && rv->valuestring[0] ? rv->valuestring : "run";
-        for (int m = 0; m < N_METRICS; m++) {
-            const cJSON *v = cJSON_GetObjectItemCaseSensitive(j, METRICS[m].key);
+        for (int m = 0; m < KD_REPORT_N_METRICS; m++) {
+            const cJSON *v = cJSON_GetObjectItemCaseSensitive(j, kd_report_metrics[m].key);
             if (!v) continue;
             if (cJSON_IsNull(v) || (cJSON_IsNumber(v) && !isfinite(v->valuedouble))) {
                 if (!nonfinite++)
-                    snprintf(first_nf, sizeof first_nf, "%.60s %.60s at line %ld", role, METRICS[m].key, lineno);
+                    snprintf(first_nf, sizeof first_nf, "%.60s %.60s at line %ld", role, kd_report_metrics[m].key,
+                             lineno);
                 continue;
             }
             if (!cJSON_IsNumber(v)) {
                 nonnum++;
                 continue;
             }
-            const cJSON *xv = cJSON_GetObjectItemCaseSensitive(j, METRICS[m].x);
+            const cJSON *xv = cJSON_GetObjectItemCaseSensitive(j, kd_report_metrics[m].x);
             if (!cJSON_IsNumber(xv) || !isfinite(xv->valuedouble)) {
                 nox++;
                 continue;
@@ -337,12 +272,12 @@ static kd_status read_metrics(rp_ctx *c, int r) {
 static char *slurp(const char *path) {
     FILE *f = fopen(path, "rb");
     if (!f) return NULL;
-    rbuf b = {0};
-    bgrow(&b, 4096);
+    kd_rbuf b = {0};
+    rbuf_grow(&b, 4096);
     size_t got;
     while ((got = fread(b.s + b.n, 1, b.cap - b.n - 1, f)) > 0) {
         b.n += got;
-        bgrow(&b, 4096);
+        rbuf_grow(&b, 4096);
     }
     int bad = ferror(f);
     fclose(f);
@@ -355,7 +290,7 @@ static char *slurp(const char *path) {
     return b.s;
 }
 
-static kd_status read_summary(rp_ctx *c, int r) {
+static kd_status read_summary(kd_rp_ctx *c, int r) {
     char path[4200];
     snprintf(path, sizeof path, "%s/summary.json", c->runs[r].dir);
     char *txt = slurp(path);
@@ -386,9 +321,9 @@ static char *trim(char *s) {
 
 /* config.ini as written by distill: [section] lines and key = value lines;
  * comments (; or #) and anything else are ignored. */
-static kd_status read_config(rp_ctx *c, int r) {
+static kd_status read_config(kd_rp_ctx *c, int r) {
     char path[4200];
-    rp_run *run = &c->runs[r];
+    kd_rp_run *run = &c->runs[r];
     snprintf(path, sizeof path, "%s/config.ini", run->dir);
     char *txt = slurp(path);
     if (!txt) {
@@ -415,7 +350,7 @@ static kd_status read_config(rp_ctx *c, int r) {
         if (!eq) continue;
         *eq = '\0';
         run->cfg = kd_realloc(run->cfg, (size_t)(run->n_cfg + 1) * sizeof *run->cfg);
-        rp_cfg *e = &run->cfg[run->n_cfg++];
+        kd_rp_cfg *e = &run->cfg[run->n_cfg++];
         e->section = kd_strdup(section);
         e->key = kd_strdup(trim(s));
         e->value = kd_strdup(trim(eq + 1));
@@ -494,510 +429,6 @@ void kd_report_add_machine(struct cJSON *obj) {
     cJSON_AddStringToObject(m, "distill", KD_VERSION);
 }
 
-/* ---------------------------------------------------------------- page */
-
-static const char *const COLORS[] = {"#1f77b4", "#e4572e", "#2ca02c", "#9467bd",
-                                     "#8c564b", "#e377c2", "#17becf", "#bcbd22"};
-enum { N_COLORS = sizeof COLORS / sizeof COLORS[0] };
-/* runs are told apart by dash pattern: SVG dasharray and the legend's CSS border */
-static const char *const DASH[] = {"", "7 4", "2 3", "10 3 2 3"};
-static const char *const BORDER[] = {"solid", "dashed", "dotted", "double"};
-
-static const char CSS[] =
-    "body{font:14px/1.45 system-ui,-apple-system,'Segoe UI',Helvetica,Arial,sans-serif;color:#222;"
-    "max-width:1160px;margin:20px auto;padding:0 14px}\n"
-    "h1{font-size:22px;margin:0 0 2px}h2{font-size:17px;margin:26px 0 8px;border-bottom:1px solid #ddd;"
-    "padding-bottom:3px}\n"
-    ".sub{color:#666;margin:0}\n"
-    "table{border-collapse:collapse;font-size:13px;margin:4px 0}\n"
-    "th,td{padding:3px 10px;text-align:left;border-bottom:1px solid #eee;vertical-align:top}\n"
-    "thead th{background:#f4f4f4}td.num{text-align:right;font-variant-numeric:tabular-nums}\n"
-    "tr.differs td{background:#fff4d6}table.machine td.num{text-align:left}\n"
-    ".cfg{display:flex;flex-wrap:wrap;gap:6px 22px;align-items:flex-start}.cfg thead th{background:#eef1f8}\n"
-    "tr.unfinished td{color:#a33}\n"
-    ".notes li{color:#8a4b00}\n"
-    ".charts{display:grid;grid-template-columns:repeat(auto-fill,minmax(520px,1fr));gap:14px}\n"
-    "figure.chart{margin:0;border:1px solid #e2e2e2;border-radius:4px;padding:8px 10px}\n"
-    "figcaption{font-weight:600;margin-bottom:2px}figcaption span{font-weight:400;color:#777}\n"
-    "svg{width:100%;height:auto;display:block}svg text{font-size:11px;fill:#555}\n"
-    "svg .grid{stroke:#ececec}svg .frame{fill:none;stroke:#bbb}svg .label{font-size:12px;fill:#333}\n"
-    "svg polyline{fill:none;stroke-width:1.6}\n"
-    ".legend{list-style:none;padding:0;margin:4px 0 0;display:flex;flex-wrap:wrap;gap:2px 16px;font-size:12px}\n"
-    ".sw{display:inline-block;width:24px;height:0;vertical-align:middle;margin-right:6px}\n"
-    "pre{margin:0;font-size:12px}\n";
-
-typedef struct axis {
-    double lo, hi, step;
-    int dec;
-} axis;
-
-/* Ticks at 1, 2 or 5 times a power of ten, about five of them; the range
- * is widened to whole ticks. integer: ticks are at least 1 apart. */
-static axis make_axis(double mn, double mx, int integer) {
-    axis a;
-    if (!(mx > mn)) {
-        double d = mn == 0.0 ? 1.0 : fabs(mn) * 0.1;
-        if (integer && d < 1.0) d = 1.0;
-        mn -= d;
-        mx += d;
-        if (!(mx > mn)) { /* d underflowed (subnormal values) */
-            mn -= 1.0;
-            mx += 1.0;
-        }
-    }
-    double raw = (mx - mn) / 5.0;
-    if (!isfinite(raw) || raw <= 0) { /* a span near DBL_MAX: no rounding */
-        a.lo = mn;
-        a.hi = mx;
-        a.step = mx / 4.0 - mn / 4.0;
-        a.dec = 0;
-        return a;
-    }
-    double mag = pow(10.0, floor(log10(raw))), f = raw / mag;
-    a.step = (f < 1.5 ? 1.0 : f < 3.0 ? 2.0 : f < 7.0 ? 5.0 : 10.0) * mag;
-    if (integer && a.step < 1.0) a.step = 1.0;
-    a.lo = floor(mn / a.step) * a.step + 0.0;
-    a.hi = ceil(mx / a.step) * a.step + 0.0;
-    a.dec = a.step >= 1.0 ? 0 : (int)ceil(-log10(a.step) - 1e-9);
-    return a;
-}
-
-static void tick_label(char *out, size_t n, double v, const axis *a, int percent) {
-    if (fabs(v) < a->step * 1e-9) v = 0.0;
-    double big = percent ? fabs(v) * 100.0 : fabs(v);
-    if (big >= 1e6 || a->dec > 8) {
-        snprintf(out, n, percent ? "%.3g%%" : "%.3g", percent ? v * 100.0 : v);
-    } else if (percent) {
-        snprintf(out, n, "%.*f%%", a->dec > 2 ? a->dec - 2 : 0, v * 100.0);
-    } else {
-        snprintf(out, n, "%.*f", a->dec, v);
-    }
-}
-
-static void series_label(rbuf *b, const rp_ctx *c, const rp_series *s) {
-    if (c->n_runs > 1) {
-        besc(b, c->runs[s->run].label);
-        bput(b, ": ");
-    }
-    besc(b, c->roles[s->role]);
-}
-
-enum { W = 560, H = 300, ML = 66, MR = 14, MT = 12, MB = 44 };
-
-static void chart(rbuf *b, const rp_ctx *c, int m) {
-    const struct rp_metric *M = &METRICS[m];
-    double xmin = INFINITY, xmax = -INFINITY, ymin = INFINITY, ymax = -INFINITY;
-    int xint = 1, any = 0;
-    for (int i = 0; i < c->n_ser; i++) {
-        const rp_series *s = &c->ser[i];
-        if (s->metric != m) continue;
-        any = 1;
-        for (int k = 0; k < s->n; k++) {
-            xmin = fmin(xmin, s->x[k]);
-            xmax = fmax(xmax, s->x[k]);
-            ymin = fmin(ymin, s->y[k]);
-            ymax = fmax(ymax, s->y[k]);
-            xint &= s->x[k] == floor(s->x[k]);
-        }
-    }
-    if (!any) return;
-    axis ax = make_axis(xmin, xmax, xint), ay = make_axis(ymin, ymax, 0);
-    const double px0 = ML, px1 = W - MR, py0 = MT, py1 = H - MB;
-#define PX(v) (px0 + ((v)-ax.lo) / (ax.hi - ax.lo) * (px1 - px0))
-#define PY(v) (py1 - ((v)-ay.lo) / (ay.hi - ay.lo) * (py1 - py0))
-    bput(b, "<figure class=\"chart\" id=\"chart-%s\">\n<figcaption>%s <span>vs %s</span></figcaption>\n", M->key,
-         M->title, M->x);
-    bput(b,
-         "<svg class=\"chart\" data-metric=\"%s\" viewBox=\"0 0 %d %d\" width=\"%d\" height=\"%d\" role=\"img\" "
-         "aria-label=\"%s\">\n",
-         M->key, W, H, W, H, M->title);
-    char lab[64];
-    bput(b, "<g class=\"axis\">\n");
-    for (int k = 0;; k++) {
-        double v = ax.lo + k * ax.step;
-        if (v > ax.hi + ax.step * 1e-6 || k > 50) break;
-        double x = PX(v);
-        tick_label(lab, sizeof lab, v, &ax, 0);
-        bput(b, "<line class=\"grid\" x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\"/>", x, py0, x, py1);
-        bput(b, "<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"middle\">%s</text>\n", x, py1 + 15, lab);
-    }
-    for (int k = 0;; k++) {
-        double v = ay.lo + k * ay.step;
-        if (v > ay.hi + ay.step * 1e-6 || k > 50) break;
-        double y = PY(v);
-        tick_label(lab, sizeof lab, v, &ay, M->percent);
-        bput(b, "<line class=\"grid\" x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\"/>", px0, y, px1, y);
-        bput(b, "<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"end\">%s</text>\n", px0 - 6, y + 4, lab);
-    }
-    bput(b, "<rect class=\"frame\" x=\"%.1f\" y=\"%.1f\" width=\"%.1f\" height=\"%.1f\"/>\n", px0, py0, px1 - px0,
-         py1 - py0);
-    bput(b, "<text class=\"label\" x=\"%.1f\" y=\"%d\" text-anchor=\"middle\">%s</text>\n", (px0 + px1) / 2, H - 8,
-         M->x);
-    bput(b, "<text class=\"label\" transform=\"translate(14 %.1f) rotate(-90)\" text-anchor=\"middle\">%s</text>\n",
-         (py0 + py1) / 2, M->ylabel);
-    bput(b, "</g>\n");
-    for (int i = 0; i < c->n_ser; i++) {
-        const rp_series *s = &c->ser[i];
-        if (s->metric != m) continue;
-        const char *col = COLORS[s->role % N_COLORS], *dash = DASH[s->run % 4];
-        const char *run = c->runs[s->run].label, *role = c->roles[s->role];
-        bput(b, "<g class=\"series\" data-run=\"");
-        besc(b, run);
-        bput(b, "\" data-role=\"");
-        besc(b, role);
-        bput(b, "\">\n");
-        if (s->n > 1) {
-            bput(b, "<polyline stroke=\"%s\"%s%s%s points=\"", col, *dash ? " stroke-dasharray=\"" : "", dash,
-                 *dash ? "\"" : "");
-            for (int k = 0; k < s->n; k++) bput(b, "%s%.1f,%.1f", k ? " " : "", PX(s->x[k]), PY(s->y[k]));
-            bput(b, "\"/>\n");
-        }
-        double r = s->n <= 60 ? 3.0 : 1.6;
-        for (int k = 0; k < s->n; k++) {
-            char xs[40], ys[40];
-            fmt_exact(xs, sizeof xs, s->x[k]);
-            fmt_exact(ys, sizeof ys, s->y[k]);
-            bput(b, "<circle cx=\"%.1f\" cy=\"%.1f\" r=\"%.1f\" fill=\"%s\" data-run=\"", PX(s->x[k]), PY(s->y[k]), r,
-                 col);
-            besc(b, run);
-            bput(b, "\" data-role=\"");
-            besc(b, role);
-            bput(b, "\" data-x=\"%s\" data-y=\"%s\"><title>", xs, ys);
-            series_label(b, c, s);
-            bput(b, ", %s %s: %s %s</title></circle>\n", M->x, xs, M->key, ys);
-        }
-        bput(b, "</g>\n");
-    }
-    bput(b, "</svg>\n<ul class=\"legend\">\n");
-    for (int i = 0; i < c->n_ser; i++) {
-        const rp_series *s = &c->ser[i];
-        if (s->metric != m) continue;
-        bput(b, "<li data-run=\"");
-        besc(b, c->runs[s->run].label);
-        bput(b, "\" data-role=\"");
-        besc(b, c->roles[s->role]);
-        bput(b, "\"><span class=\"sw\" style=\"border-top:3px %s %s\"></span>", BORDER[s->run % 4],
-             COLORS[s->role % N_COLORS]);
-        series_label(b, c, s);
-        bput(b, "</li>\n");
-    }
-    bput(b, "</ul>\n</figure>\n");
-#undef PX
-#undef PY
-}
-
-static const char *pretty_key(const char *k) {
-    static const char *const names[][2] = {
-        {"model", "model"},     {"test_acc", "test acc"},        {"test_loss", "test loss"},
-        {"params", "params"},   {"train_seconds", "train time"}, {"samples_per_second", "samples/s"},
-        {"loaded", "loaded"},   {"val_loss", "val loss"},        {"val_ppl", "val ppl"},
-        {"loss", "loss spec"},  {"threads", "threads"},          {"cpu", "CPU"},
-        {"cores", "cores"},     {"memory_gib", "memory"},        {"os", "OS"},
-        {"kernel", "kernel"},   {"compiler", "compiler"},        {"blas", "BLAS"},
-        {"distill", "distill"},
-    };
-    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
-        if (strcmp(names[i][0], k) == 0) return names[i][1];
-    return k;
-}
-
-static int is_scalar(const cJSON *v) { return cJSON_IsNumber(v) || cJSON_IsString(v) || cJSON_IsBool(v); }
-
-/* One table cell for a summary value; numbers keep their exact value in
- * data-value. */
-static void value_cell(rbuf *b, const char *key, const cJSON *v) {
-    if (!v) {
-        bput(b, "<td></td>");
-        return;
-    }
-    bput(b, "<td data-key=\"");
-    besc(b, key);
-    bput(b, "\"");
-    if (cJSON_IsString(v)) {
-        bput(b, ">");
-        besc(b, v->valuestring);
-    } else if (cJSON_IsBool(v)) {
-        bput(b, ">%s", cJSON_IsTrue(v) ? "yes" : "no");
-    } else if (cJSON_IsNumber(v)) {
-        double d = v->valuedouble;
-        char ex[40], txt[64];
-        fmt_exact(ex, sizeof ex, d);
-        size_t L = strlen(key);
-        if (!isfinite(d))
-            snprintf(txt, sizeof txt, "%s", ex);
-        else if ((L >= 4 && strcmp(key + L - 4, "_acc") == 0) || strcmp(key, "acc") == 0)
-            snprintf(txt, sizeof txt, "%.2f%%", 100.0 * d);
-        else if (strcmp(key, "params") == 0 || strcmp(key, "cores") == 0 || strcmp(key, "threads") == 0)
-            fmt_int(txt, sizeof txt, d);
-        else if (strcmp(key, "train_seconds") == 0)
-            snprintf(txt, sizeof txt, "%.1f s", d);
-        else if (strcmp(key, "samples_per_second") == 0)
-            fmt_int(txt, sizeof txt, round(d));
-        else if (strcmp(key, "memory_gib") == 0)
-            snprintf(txt, sizeof txt, "%.1f GiB", d);
-        else if (strstr(key, "loss"))
-            snprintf(txt, sizeof txt, "%.4f", d);
-        else
-            snprintf(txt, sizeof txt, "%.6g", d);
-        bput(b, " class=\"num\" data-value=\"%s\">%s", ex, txt);
-    } else {
-        bput(b, ">");
-    }
-    bput(b, "</td>");
-}
-
-/* keys: the union (first appearance order) of scalar keys of objs */
-static int key_union(const cJSON *const *objs, int n, const char **keys, int max) {
-    int nk = 0;
-    for (int i = 0; i < n; i++) {
-        if (!objs[i]) continue;
-        for (const cJSON *v = objs[i]->child; v; v = v->next) {
-            if (!is_scalar(v) || !v->string) continue;
-            int seen = 0;
-            for (int k = 0; k < nk && !seen; k++) seen = strcmp(keys[k], v->string) == 0;
-            if (!seen && nk < max) keys[nk++] = v->string;
-        }
-    }
-    return nk;
-}
-
-static int is_role_obj(const cJSON *v) { return cJSON_IsObject(v) && v->string && strcmp(v->string, "machine") != 0; }
-
-static void runs_section(rbuf *b, const rp_ctx *c) {
-    enum { MAXK = 64 };
-    const char *keys[MAXK];
-    const cJSON **objs = kd_calloc((size_t)c->n_runs, sizeof *objs);
-    for (int r = 0; r < c->n_runs; r++) objs[r] = c->runs[r].summary;
-    int nk = key_union(objs, c->n_runs, keys, MAXK);
-    bput(b, "<h2 id=\"runs\">Runs</h2>\n<table class=\"runs\">\n<thead><tr><th>run</th><th>directory</th>"
-            "<th>status</th>");
-    for (int k = 0; k < nk; k++) {
-        bput(b, "<th>");
-        besc(b, pretty_key(keys[k]));
-        bput(b, "</th>");
-    }
-    bput(b, "</tr></thead>\n<tbody>\n");
-    for (int r = 0; r < c->n_runs; r++) {
-        const rp_run *run = &c->runs[r];
-        bput(b, "<tr data-run=\"");
-        besc(b, run->label);
-        bput(b, "\"%s><td>", run->summary ? "" : " class=\"unfinished\"");
-        besc(b, run->label);
-        bput(b, "</td><td>");
-        besc(b, run->dir);
-        bput(b, "</td><td>%s</td>", run->summary ? "finished" : "did not finish (no summary.json)");
-        for (int k = 0; k < nk; k++)
-            value_cell(b, keys[k], run->summary ? cJSON_GetObjectItemCaseSensitive(run->summary, keys[k]) : NULL);
-        bput(b, "</tr>\n");
-    }
-    bput(b, "</tbody>\n</table>\n");
-    free(objs);
-}
-
-static void results_section(rbuf *b, const rp_ctx *c) {
-    enum { MAXK = 64 };
-    const char *keys[MAXK];
-    int nobj = 0;
-    for (int r = 0; r < c->n_runs; r++)
-        if (c->runs[r].summary)
-            for (const cJSON *v = c->runs[r].summary->child; v; v = v->next) nobj += is_role_obj(v);
-    const cJSON **objs = kd_calloc((size_t)nobj + 1, sizeof *objs);
-    int no = 0;
-    for (int r = 0; r < c->n_runs; r++)
-        if (c->runs[r].summary)
-            for (const cJSON *v = c->runs[r].summary->child; v; v = v->next)
-                if (is_role_obj(v)) objs[no++] = v;
-    int nk = key_union(objs, no, keys, MAXK);
-    int multi = c->n_runs > 1;
-    bput(b, "<h2 id=\"results\">Results</h2>\n<table class=\"results\">\n<thead><tr>%s<th>role</th>",
-         multi ? "<th>run</th>" : "");
-    for (int k = 0; k < nk; k++) {
-        bput(b, "<th>");
-        besc(b, pretty_key(keys[k]));
-        bput(b, "</th>");
-    }
-    bput(b, "</tr></thead>\n<tbody>\n");
-    for (int r = 0; r < c->n_runs; r++) {
-        const rp_run *run = &c->runs[r];
-        if (!run->summary) {
-            bput(b, "<tr class=\"unfinished\" data-run=\"");
-            besc(b, run->label);
-            bput(b, "\">");
-            if (multi) {
-                bput(b, "<td>");
-                besc(b, run->label);
-                bput(b, "</td>");
-            }
-            bput(b, "<td colspan=\"%d\">did not finish: no results (no summary.json)</td></tr>\n", nk + 1);
-            continue;
-        }
-        for (const cJSON *o = run->summary->child; o; o = o->next) {
-            if (!is_role_obj(o)) continue;
-            bput(b, "<tr data-run=\"");
-            besc(b, run->label);
-            bput(b, "\" data-role=\"");
-            besc(b, o->string);
-            bput(b, "\">");
-            if (multi) {
-                bput(b, "<td>");
-                besc(b, run->label);
-                bput(b, "</td>");
-            }
-            bput(b, "<td>");
-            besc(b, o->string);
-            bput(b, "</td>");
-            for (int k = 0; k < nk; k++) value_cell(b, keys[k], cJSON_GetObjectItemCaseSensitive(o, keys[k]));
-            bput(b, "</tr>\n");
-        }
-    }
-    bput(b, "</tbody>\n</table>\n");
-    free(objs);
-}
-
-static const char *cfg_get(const rp_run *run, const char *section, const char *key) {
-    for (int i = 0; i < run->n_cfg; i++)
-        if (strcmp(run->cfg[i].section, section) == 0 && strcmp(run->cfg[i].key, key) == 0) return run->cfg[i].value;
-    return NULL;
-}
-
-static void config_section(rbuf *b, const rp_ctx *c) {
-    int multi = c->n_runs > 1, n = 0;
-    for (int r = 0; r < c->n_runs; r++) n += c->runs[r].n_cfg;
-    bput(b, "<h2 id=\"config\">Configuration</h2>\n");
-    if (!n) {
-        bput(b, "<p>No config.ini (or an empty one).</p>\n");
-        return;
-    }
-    /* the union of (section, key) over the runs, in order of first appearance */
-    const rp_cfg **u = kd_malloc((size_t)n * sizeof *u);
-    int nu = 0;
-    for (int r = 0; r < c->n_runs; r++)
-        for (int i = 0; i < c->runs[r].n_cfg; i++) {
-            const rp_cfg *e = &c->runs[r].cfg[i];
-            int earlier = 0;
-            for (int q = 0; q < r && !earlier; q++) earlier = cfg_get(&c->runs[q], e->section, e->key) != NULL;
-            if (!earlier) u[nu++] = e;
-        }
-    if (multi) bput(b, "<p>The resolved config.ini of each run; highlighted rows differ between runs.</p>\n");
-    bput(b, "<div class=\"cfg\">\n");
-    for (int i = 0; i < nu; i++) { /* one table per section, at its first key */
-        int first = 1;
-        for (int k = 0; k < i && first; k++) first = strcmp(u[k]->section, u[i]->section) != 0;
-        if (!first) continue;
-        bput(b, "<table class=\"config\">\n<thead><tr><th>[");
-        besc(b, u[i]->section);
-        bput(b, "]</th>");
-        for (int r = 0; r < c->n_runs; r++) {
-            bput(b, "<th>");
-            if (multi) besc(b, c->runs[r].label);
-            bput(b, "</th>");
-        }
-        bput(b, "</tr></thead>\n<tbody>\n");
-        for (int k = i; k < nu; k++) {
-            const rp_cfg *e = u[k];
-            if (strcmp(e->section, u[i]->section) != 0) continue;
-            int differs = 0;
-            for (int q = 0; q < c->n_runs; q++) {
-                const char *v = cfg_get(&c->runs[q], e->section, e->key);
-                differs |= !v || strcmp(v, e->value) != 0;
-            }
-            bput(b, "<tr%s><td>", differs ? " class=\"differs\"" : "");
-            besc(b, e->key);
-            bput(b, "</td>");
-            for (int q = 0; q < c->n_runs; q++) {
-                const char *v = cfg_get(&c->runs[q], e->section, e->key);
-                bput(b, "<td>");
-                if (v)
-                    besc(b, v);
-                else
-                    bput(b, "&mdash;");
-                bput(b, "</td>");
-            }
-            bput(b, "</tr>\n");
-        }
-        bput(b, "</tbody>\n</table>\n");
-    }
-    bput(b, "</div>\n");
-    free(u);
-}
-
-static void machine_section(rbuf *b, const rp_ctx *c) {
-    enum { MAXK = 32 };
-    const char *keys[MAXK];
-    const cJSON **objs = kd_calloc((size_t)c->n_runs, sizeof *objs);
-    cJSON *here = NULL;
-    int missing = 0;
-    for (int r = 0; r < c->n_runs; r++) {
-        const cJSON *m = c->runs[r].summary ? cJSON_GetObjectItemCaseSensitive(c->runs[r].summary, "machine") : NULL;
-        if (cJSON_IsObject(m)) {
-            objs[r] = m;
-        } else {
-            if (!here) {
-                here = cJSON_CreateObject();
-                kd_report_add_machine(here);
-            }
-            objs[r] = cJSON_GetObjectItemCaseSensitive(here, "machine");
-            missing = 1;
-        }
-    }
-    int nk = key_union(objs, c->n_runs, keys, MAXK);
-    bput(b, "<h2 id=\"machine\">Machine</h2>\n");
-    if (missing)
-        bput(b, "<p>Where a run did not record its machine in summary.json, the machine shown is the one that wrote "
-                "this report.</p>\n");
-    bput(b, "<table class=\"machine\">\n<thead><tr><th></th>");
-    for (int r = 0; r < c->n_runs; r++) {
-        const cJSON *m = c->runs[r].summary ? cJSON_GetObjectItemCaseSensitive(c->runs[r].summary, "machine") : NULL;
-        bput(b, "<th>");
-        besc(b, c->n_runs > 1 ? c->runs[r].label : "");
-        bput(b, "%s%s</th>", c->n_runs > 1 ? " " : "", cJSON_IsObject(m) ? "(recorded by the run)" : "(this machine)");
-    }
-    bput(b, "</tr></thead>\n<tbody>\n");
-    for (int k = 0; k < nk; k++) {
-        bput(b, "<tr><th>");
-        besc(b, pretty_key(keys[k]));
-        bput(b, "</th>");
-        for (int r = 0; r < c->n_runs; r++) value_cell(b, keys[k], cJSON_GetObjectItemCaseSensitive(objs[r], keys[k]));
-        bput(b, "</tr>\n");
-    }
-    bput(b, "</tbody>\n</table>\n");
-    cJSON_Delete(here);
-    free(objs);
-}
-
-static void page(rbuf *b, const rp_ctx *c) {
-    bput(b, "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n<title>distill report: ");
-    for (int r = 0; r < c->n_runs; r++) {
-        if (r) bput(b, ", ");
-        besc(b, c->runs[r].label);
-    }
-    bput(b, "</title>\n<style>\n%s</style>\n</head>\n<body>\n<header>\n<h1>distill report</h1>\n<p class=\"sub\">",
-         CSS);
-    for (int r = 0; r < c->n_runs; r++) {
-        if (r) bput(b, " &middot; ");
-        besc(b, c->runs[r].label);
-    }
-    bput(b, " &mdash; written by distill %s</p>\n</header>\n", KD_VERSION);
-    if (c->notes.n)
-        bput(b, "<section id=\"notes\">\n<h2>Notes</h2>\n<ul class=\"notes\">\n%s</ul>\n</section>\n", c->notes.s);
-    bput(b, "<section>\n");
-    runs_section(b, c);
-    results_section(b, c);
-    bput(b, "</section>\n<section id=\"curves\">\n<h2>Curves</h2>\n");
-    if (!c->n_ser) {
-        bput(b, "<p>No known metric in metrics.jsonl: nothing to plot.</p>\n");
-    } else {
-        bput(b, "<div class=\"charts\">\n");
-        for (int m = 0; m < N_METRICS; m++) chart(b, c, m);
-        bput(b, "</div>\n");
-    }
-    bput(b, "</section>\n<section>\n");
-    config_section(b, c);
-    bput(b, "</section>\n<section>\n");
-    machine_section(b, c);
-    bput(b, "</section>\n</body>\n</html>\n");
-}
-
 static kd_status write_atomic(const char *path, const char *text, size_t n) {
     char tmp[4400];
     snprintf(tmp, sizeof tmp, "%.4200s.tmp.%d", path, (int)getpid());
@@ -1016,7 +447,7 @@ static kd_status write_atomic(const char *path, const char *text, size_t n) {
 
 /* ---------------------------------------------------------------- entry */
 
-static kd_status open_run(rp_run *run, const char *dir) {
+static kd_status open_run(kd_rp_run *run, const char *dir) {
     run->dir = kd_strdup(dir);
     struct stat sb;
     if (stat(dir, &sb) != 0) return kd_errorf(KD_EIO, "%s: not a run directory: %s", dir, strerror(errno));
@@ -1039,7 +470,7 @@ static kd_status open_run(rp_run *run, const char *dir) {
 
 kd_status kd_report_write(const char *const *run_dirs, int n_runs, const char *out_path) {
     KD_ASSERT(n_runs >= 1, "no run directory");
-    rp_ctx c = {0};
+    kd_rp_ctx c = {0};
     c.runs = kd_calloc((size_t)n_runs, sizeof *c.runs);
     c.n_runs = n_runs;
     kd_status st = KD_OK;
@@ -1057,13 +488,13 @@ kd_status kd_report_write(const char *const *run_dirs, int n_runs, const char *o
         if (st == KD_OK) st = read_config(&c, r);
     }
     if (st == KD_OK) {
-        rbuf b = {0};
-        page(&b, &c);
+        kd_rbuf b = {0};
+        kd_report_page(&b, &c);
         st = write_atomic(out_path, b.s, b.n);
         free(b.s);
     }
     for (int r = 0; r < n_runs; r++) {
-        rp_run *run = &c.runs[r];
+        kd_rp_run *run = &c.runs[r];
         for (int i = 0; i < run->n_cfg; i++) {
             free(run->cfg[i].section);
             free(run->cfg[i].key);
