@@ -48,7 +48,6 @@ int main(int argc, char **argv) {
         fprintf(stderr, "bench_lm: %s\n", kd_error_message());
         return 1;
     }
-    kd_graph_set_threads(lm.g, threads);
     kd_rng r;
     kd_rng_seed(&r, 1);
     if (gen) {

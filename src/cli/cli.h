@@ -43,5 +43,6 @@ struct kd_config;
 struct kd_log;
 int cli_run_lm(const struct kd_config *cfg, const char *dir, int threads, struct kd_log *log);
 int cmd_generate(int argc, char **argv);
+int cmd_report(int argc, char **argv);
 
 #endif

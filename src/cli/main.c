@@ -13,6 +13,7 @@ static void usage(FILE *f) {
             "  cache TEACHER --out FILE                store a teacher's logits for cached distillation\n"
             "  export CHECKPOINT --c DIR               the model as dependency-free C99\n"
             "  loss \"SPEC\" --in X --out Y             a loss and its gradients on given tensors\n"
+            "  report RUN... [--out FILE]              self-contained HTML report of runs (overlaid)\n"
             "  tokenize --data text:PATH --vocab N --out FILE   learn a BPE tokenizer from text\n"
             "  generate CHECKPOINT --prompt TEXT       continue a text with a GPT checkpoint\n\n"
             "Every command takes --help. distill --version prints the version.\n",
@@ -40,6 +41,7 @@ int main(int argc, char **argv) {
     if (strcmp(c, "export") == 0) return cmd_export(argc - 2, argv + 2);
     if (strcmp(c, "tokenize") == 0) return cmd_tokenize(argc - 2, argv + 2);
     if (strcmp(c, "generate") == 0) return cmd_generate(argc - 2, argv + 2);
+    if (strcmp(c, "report") == 0) return cmd_report(argc - 2, argv + 2);
     fprintf(stderr, "distill: unknown command '%s'\n\n", c);
     usage(stderr);
     return 2;

@@ -1,6 +1,7 @@
 /* run.c - `distill run CONFIG`: resolve the config, load data, train (or
  * load) the teacher, evaluate, and write the run directory:
- *   config.ini (resolved), metrics.jsonl, teacher.safetensors, summary.json.
+ *   config.ini (resolved), metrics.jsonl, teacher.safetensors, summary.json,
+ *   report.html (also after a failed run: the curves up to the failure).
  * Later stages (students, distillation) plug in after the teacher.
  */
 #include <cjson/cJSON.h>
@@ -15,6 +16,7 @@
 #include "cli/cli.h"
 #include "kd_cache.h"
 #include "kd_config.h"
+#include "kd_report.h"
 #include "kd_train.h"
 
 static cli_opt run_opts[] = {
@@ -182,6 +184,7 @@ static kd_status write_summary(const char *dir, const stage *st, int n, int thre
     for (int i = 0; i < n; i++) stage_json(root, &st[i]);
     if (loss) cJSON_AddStringToObject(root, "loss", loss);
     cJSON_AddNumberToObject(root, "threads", threads);
+    kd_report_add_machine(root);
     char *txt = cJSON_Print(root);
     size_t L = strlen(txt);
     char *withnl = kd_malloc(L + 2);
@@ -195,6 +198,18 @@ static kd_status write_summary(const char *dir, const stage *st, int n, int thre
     cJSON_free(txt);
     cJSON_Delete(root);
     return s;
+}
+
+/* DIR/report.html from what the run wrote, finished or not. A report that
+ * cannot be written is a warning: it never changes the run's exit status
+ * or its error message. */
+static void write_report(const char *dir) {
+    char saved[2048], path[4200];
+    snprintf(saved, sizeof saved, "%s", kd_error_message());
+    snprintf(path, sizeof path, "%s/report.html", dir);
+    const char *dirs[1] = {dir};
+    if (kd_report_write(dirs, 1, path) != KD_OK) fprintf(stderr, "distill: warning: %s\n", kd_error_message());
+    kd_errorf(KD_OK, "%s", saved);
 }
 
 /* The teacher: load [teacher] checkpoint if it exists, else train it with the
@@ -537,6 +552,7 @@ int cmd_run(int argc, char **argv) {
             if (!quiet) fprintf(stderr, "distill: run '%s' -> %s (%d threads)\n", name, dir, threads);
             rc = cli_run_lm(cfg, dir, threads, &log);
             fclose(metrics);
+            write_report(dir);
         }
         kd_config_free(cfg);
         return rc;
@@ -655,7 +671,10 @@ int cmd_run(int argc, char **argv) {
                        (long long)stages[i].params, 100.0 * stages[i].tr.test.acc, stages[i].tr.train_seconds);
         if (!quiet) fprintf(stderr, "distill: wrote %s\n", dir);
     }
-    if (metrics) fclose(metrics);
+    if (metrics) {
+        fclose(metrics);
+        write_report(dir);
+    }
     kd_cache_close(&cache);
     kd_dataset_free(&train);
     kd_dataset_free(&test);

@@ -17,6 +17,7 @@
 #include "cli/cli.h"
 #include "kd_config.h"
 #include "kd_lm.h"
+#include "kd_report.h"
 
 typedef struct lm_stage {
     char role[32], spec[256];
@@ -195,6 +196,7 @@ static kd_status write_summary(const char *dir, const lm_stage *st, int n, int t
     if (loss) cJSON_AddStringToObject(root, "loss", loss);
     if (extra_seconds > 0) cJSON_AddNumberToObject(root, "seqkd_sampling_seconds", extra_seconds);
     cJSON_AddNumberToObject(root, "threads", threads);
+    kd_report_add_machine(root);
     char *txt = cJSON_Print(root);
     char path[4200], tmp[4300];
     snprintf(path, sizeof path, "%s/summary.json", dir);
