@@ -4,7 +4,7 @@
  * does not depend on the text). One JSON line; bench/lm.sh runs it beside
  * bench/torch_lm.py.
  *   bench_lm --mode train|distill|generate [--teacher SPEC] [--student SPEC]
- *            [--batch 16] [--seq 128] [--threads 2] [--seconds 5]
+ *            [--batch 16] [--seq 128] [--threads 2] [--seconds 5] [--profile 1]
  */
 #include <omp.h>
 #include <stdio.h>
@@ -21,6 +21,7 @@ int main(int argc, char **argv) {
     const char *sspec = "gpt: layers=2 dim=128 heads=4 ctx=128";
     int B = 16, T = 128, V = 256, threads = 2;
     double secs = 5;
+    int profile = 0;
     for (int i = 1; i + 1 < argc; i += 2) {
         if (!strcmp(argv[i], "--mode")) mode = argv[i + 1];
         else if (!strcmp(argv[i], "--teacher")) tspec = argv[i + 1];
@@ -29,6 +30,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--seq")) T = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--threads")) threads = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--seconds")) secs = atof(argv[i + 1]);
+        else if (!strcmp(argv[i], "--profile")) profile = atoi(argv[i + 1]);
         else {
             fprintf(stderr, "bench_lm: unknown option %s\n", argv[i]);
             return 2;
@@ -99,6 +101,14 @@ int main(int argc, char **argv) {
         if (it >= 3 && kd_now() - t0 > secs) break;
     }
     double dt = kd_now() - t0;
+    if (profile) {
+        kd_graph_set_profile(lm.g, 1);
+        for (int it = 0; it < 3; it++) {
+            kd_graph_forward(lm.g, 1);
+            kd_graph_backward(lm.g, lm.loss);
+        }
+        kd_graph_profile_print(lm.g, stderr);
+    }
     struct rusage ru;
     getrusage(RUSAGE_SELF, &ru);
     printf("{\"mode\":\"%s\",\"tokens_per_s\":%.1f,\"steps\":%lld,\"arena_mb\":%.1f,\"peak_rss_mb\":%.1f}\n", mode,

@@ -58,7 +58,10 @@ static void gelu_forward(kd_node *n, const kd_ctx *ctx) {
     const float *x = n->in[0]->val.data;
     float *y = n->val.data;
 #pragma omp parallel for if (k > PAR_MIN) schedule(static)
-    for (int64_t i = 0; i < k; i++) y[i] = 0.5f * x[i] * (1.0f + erff(x[i] * 0.70710678118654752f));
+    for (int64_t i = 0; i < k; i++) {
+        float h = kd_exp_vec(-0.5f * x[i] * x[i]); /* exp(-u^2) with u = x/sqrt(2) is h */
+        y[i] = 0.5f * x[i] * (1.0f + kd_erf_vec(x[i] * 0.70710678118654752f, h));
+    }
 }
 
 static void gelu_backward(kd_node *n, const kd_ctx *ctx) {
@@ -68,8 +71,9 @@ static void gelu_backward(kd_node *n, const kd_ctx *ctx) {
     float *dx = n->in[0]->grad.data;
 #pragma omp parallel for if (k > PAR_MIN) schedule(static)
     for (int64_t i = 0; i < k; i++) {
-        float cdf = 0.5f * (1.0f + erff(x[i] * 0.70710678118654752f));
-        float pdf = 0.39894228040143268f * expf(-0.5f * x[i] * x[i]);
+        float h = kd_exp_vec(-0.5f * x[i] * x[i]);
+        float cdf = 0.5f * (1.0f + kd_erf_vec(x[i] * 0.70710678118654752f, h));
+        float pdf = 0.39894228040143268f * h;
         dx[i] += dy[i] * (cdf + x[i] * pdf);
     }
 }

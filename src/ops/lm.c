@@ -292,30 +292,6 @@ const kd_op_def kd_op_layernorm = {.name = "layernorm",
 
 /* ---------------------------------------------------------------- causal attention */
 
-/* exp(x) for the softmax, written so the compiler vectorises it: x = n ln2 + r
- * with n = round(x / ln2) (by the 1.5*2^23 rounding trick, which needs no
- * float-to-int instruction) and |r| <= ln2/2, exp(r) by its Taylor series to
- * r^7 (truncation < 6e-9), 2^n put in the exponent bits. Arguments are
- * clamped to [-87, 88] (results stay normal floats). Measured over every
- * float in that range: relative error <= 7.9e-8 (libm's expf: 6.0e-8). NaN
- * stays NaN. */
-static inline float exp_vec(float x) {
-    x = x < -87.0f ? -87.0f : x > 88.0f ? 88.0f : x;
-    float t = x * 1.44269504f + 12582912.0f; /* low mantissa bits of t hold n */
-    float n = t - 12582912.0f;
-    float r = x - n * 0.693145752f - n * 1.42860677e-6f; /* ln2 in two parts: n * hi is exact */
-    float p =
-        1.0f + r * (1.0f + r * (0.5f + r * (1.66666672e-1f +
-                                            r * (4.16666679e-2f +
-                                                 r * (8.33333377e-3f + r * (1.38888892e-3f + r * 1.98412701e-4f))))));
-    uint32_t bits;
-    memcpy(&bits, &t, sizeof bits);
-    bits = (bits - 0x4B400000u + 127u) << 23; /* (n + 127) << 23 */
-    float s;
-    memcpy(&s, &bits, sizeof s);
-    return p * s;
-}
-
 size_t kd_attention_scratch_floats(int T) { return 2 * (size_t)T * T; }
 
 /* One head of one sequence. o (T,d) row stride C; lse (T); S (T,T) scratch;
@@ -335,7 +311,7 @@ static void att_head_forward(float *o, float *lse, float *S, const float *q, con
             for (int j = 1; j <= i; j++) m = s[j] > m ? s[j] : m;
 #pragma omp simd reduction(+ : z)
             for (int j = 0; j <= i; j++) {
-                s[j] = exp_vec(s[j] - m);
+                s[j] = kd_exp_vec(s[j] - m);
                 z += s[j];
             }
             float inv = 1.0f / z;
@@ -367,7 +343,7 @@ static void att_head_backward(float *dq, float *dk, float *dv, float *P, float *
             float *restrict p = P + (size_t)i * T, *restrict g = G + (size_t)i * T, l = lse[i], D = 0.0f;
 #pragma omp simd reduction(+ : D)
             for (int j = 0; j <= i; j++) {
-                p[j] = exp_vec(p[j] - l);
+                p[j] = kd_exp_vec(p[j] - l);
                 D += p[j] * g[j];
             }
 #pragma omp simd
