@@ -356,7 +356,12 @@ int cli_run_lm(const kd_config *cfg, const char *dir, int threads, kd_log *log) 
             s.cache_T = cache.T;
             o.windows = &cache.w;
         } else if (st == KD_OK) {
-            s.n_teachers = 1;
+            /* a teacher in the graph only when some term reads it */
+            kd_loss_spec ls;
+            int reads = 0;
+            if (kd_loss_spec_parse(loss, &ls) == KD_OK)
+                for (int i = 0; i < ls.n; i++) reads |= strcmp(ls.terms[i].name, "ce") != 0;
+            s.n_teachers = reads || r.base.onpolicy > 0.0f;
             s.teachers[0] = tspec;
         }
         int nseq = kd_config_int(cfg, "lm", "seqkd");
