@@ -7,6 +7,7 @@
 
 #include "cli/cli.h"
 #include "kd_io.h"
+#include "kd_lm.h"
 #include "kd_train.h"
 
 static cli_opt eval_opts[] = {
@@ -16,6 +17,8 @@ static cli_opt eval_opts[] = {
     {"--model", "SPEC", "model spec, for a checkpoint without distill's metadata (PyTorch)", NULL},
     {"--names", "MAP", "the checkpoint's names: auto, THEIRS=OURS,... or @FILE (docs/interop.md)", NULL},
     {"--logits", "FILE", "also write the logits (N,K) and labels (N) as safetensors", NULL},
+    {"--val", "F", "language models: the validation fraction of the run (default 0.05)", NULL},
+    {"--seq", "T", "language models: window length (default: the model's context)", NULL},
 };
 
 static cli_cmd eval_cmd = {
@@ -26,9 +29,10 @@ static cli_cmd eval_cmd = {
              "with safetensors needs --model (classes and image size then come from the data,\n"
              "normalisation from the dataset) and, unless its names are ours, --names.",
     .examples = "  distill eval runs/fashion_teacher/teacher.safetensors --data fashion-mnist:test\n"
-                "  distill eval torch.safetensors --model \"cnn: c8 p c16 p f32\" --names auto --logits z.safetensors\n",
+                "  distill eval torch.safetensors --model \"cnn: c8 p c16 p f32\" --names auto --logits z.safetensors\n"
+                "  distill eval runs/lm_kd/student.safetensors --data text    # a GPT: validation loss and perplexity\n",
     .opts = eval_opts,
-    .n_opts = 6,
+    .n_opts = 8,
 };
 
 /* Runs the model over ds in order and writes logits (N,K) F32 and labels
@@ -63,6 +67,65 @@ static kd_status write_logits(kd_classifier *c, const kd_dataset *ds, int batch,
     return st;
 }
 
+/* a GPT checkpoint on a text dataset: validation loss and perplexity of the
+ * deterministic window sweep (the split of `distill run` with the same
+ * [lm] val_frac) */
+static int eval_lm(const char *ckpt, const char *spec, int batch) {
+    kd_safetensors st0;
+    kd_status st = kd_st_read(ckpt, &st0);
+    char model[256] = "", *tj = NULL;
+    int vocab = 0;
+    if (st == KD_OK) {
+        const char *m = kd_st_meta(&st0, "model"), *v = kd_st_meta(&st0, "vocab"), *t = kd_st_meta(&st0, "tokenizer");
+        if (!m || !v) st = kd_errorf(KD_EFORMAT, "%s: not a language-model checkpoint (no 'model'/'vocab' metadata)", ckpt);
+        if (m) snprintf(model, sizeof model, "%s", m);
+        vocab = v ? atoi(v) : 0;
+        tj = t ? kd_strdup(t) : NULL;
+        kd_st_free(&st0);
+    }
+    const char *vs = cli_get(&eval_cmd, "--val");
+    float vf = vs ? strtof(vs, NULL) : 0.05f;
+    if (st == KD_OK && !(vf > 0.0f && vf <= 0.5f)) st = kd_errorf(KD_EUSAGE, "--val must be in (0, 0.5]");
+    kd_gpt_cfg g;
+    int seq = 0;
+    if (st == KD_OK) st = kd_gpt_cfg_parse(model, vocab, &g);
+    if (st == KD_OK && cli_get(&eval_cmd, "--seq")) st = cli_parse_int("--seq", cli_get(&eval_cmd, "--seq"), 2, g.ctx, &seq);
+    if (st == KD_OK && seq == 0) seq = g.ctx;
+    kd_tokenizer tok;
+    int bpe = 0;
+    if (st == KD_OK && tj) {
+        st = kd_tokenizer_from_json(&tok, tj, ckpt);
+        bpe = st == KD_OK;
+    }
+    kd_text_data d;
+    memset(&d, 0, sizeof d);
+    if (st == KD_OK) st = kd_text_load(&d, spec, bpe ? &tok : NULL, vf);
+    if (st == KD_OK && d.vocab != vocab)
+        st = kd_errorf(KD_ECONFIG, "%s: vocabulary %d, the data's %d", ckpt, vocab, d.vocab);
+    if (st == KD_OK && d.n_val < (size_t)seq + 1)
+        st = kd_errorf(KD_ECONFIG, "%s: %zu validation tokens, fewer than a window of %d", spec, d.n_val, seq + 1);
+    if (batch > 64) batch = 64;
+    kd_lm lm;
+    memset(&lm, 0, sizeof lm);
+    kd_lm_setup s = {.student = model, .vocab = vocab, .seq = seq, .max_batch = batch};
+    if (st == KD_OK) st = kd_lm_new(&lm, &s, 0);
+    if (st == KD_OK) st = kd_lm_load(lm.g, &lm.m, ckpt);
+    if (st == KD_OK) {
+        kd_lm_eval_result r = kd_lm_evaluate(&lm, &d, 1, batch, 0, 0);
+        printf("%s on %s (validation, %lld tokens): loss %.4f nats/token, perplexity %.3f\n", ckpt, d.name,
+               (long long)r.tokens, r.loss, r.ppl);
+    }
+    if (lm.g) kd_lm_free(&lm);
+    kd_text_free(&d);
+    if (bpe) kd_tokenizer_free(&tok);
+    free(tj);
+    if (st != KD_OK) {
+        fprintf(stderr, "distill: error: %s\n", kd_error_message());
+        return st == KD_EUSAGE ? 2 : 1;
+    }
+    return 0;
+}
+
 int cmd_eval(int argc, char **argv) {
     const char *pos[1];
     int npos, help;
@@ -85,6 +148,7 @@ int cmd_eval(int argc, char **argv) {
     }
     cli_set_threads(threads);
     const char *spec = cli_get(&eval_cmd, "--data") ? cli_get(&eval_cmd, "--data") : "fashion-mnist:test";
+    if (strncmp(spec, "text", 4) == 0) return eval_lm(pos[0], spec, batch);
     const char *model = cli_get(&eval_cmd, "--model"), *names = cli_get(&eval_cmd, "--names");
     const char *logits = cli_get(&eval_cmd, "--logits");
     kd_checkpoint_info info;
