@@ -22,7 +22,8 @@
  *
  * A step allocates nothing: the KV caches (layers, max_batch, ctx, C) for K
  * and V, the activations and the sampler's scratch are allocated when the
- * runner is created (or reserved). Matrix products go through cblas.
+ * runner is created (or reserved). Matrix products go through cblas. A
+ * runner serves one caller at a time (its caches and buffers are shared).
  */
 #ifndef KD_GPT_H
 #define KD_GPT_H
