@@ -34,6 +34,9 @@
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include "kd_gpt.h"
 #include "kd_io.h"
@@ -365,6 +368,53 @@ static void test_runner(void) {
     check_vs_naive(&(kd_gpt_cfg){1, 6, 1, 5, 300}, 12); /* one head, vocab > dim */
     check_vs_naive(&(kd_gpt_cfg){2, 8, 2, 70, 5}, 13);  /* prefill in chunks */
     check_vs_naive(&(kd_gpt_cfg){1, 4, 1, 1, 3}, 14);   /* ctx 1 */
+#ifdef _OPENMP
+    TEST("gpt_infer: 1 and 2 threads give the same bits (parallel attention, LN, GELU)") {
+        /* big enough that every parallel loop runs threaded (over 32768
+         * elements of work): 600 sequences, one position per prefill chunk,
+         * so LN sees 600 x 64 and GELU 600 x 256 */
+        enum { NB = 600, T = 10, V = 50 };
+        kd_gpt_cfg cfg = {1, 64, 4, T, V};
+        wtab w;
+        wtab_init(&w, &cfg);
+        wtab_random(&w, 15);
+        /* the scales of wtab_random suit dim <= 16; halve the matrices for
+         * dim 64 so activations keep the same size (and so the rounding) */
+        for (int i = 0; i < w.n; i++)
+            if (w.ndim[i] == 2 && strncmp(w.names[i], "h.", 2) == 0)
+                for (int64_t j = 0; j < kd_shape_numel(2, w.shape[i]); j++) w.data[i][j] *= 0.5f;
+        int *toks = malloc(sizeof(int) * NB * T), *part = malloc(sizeof(int) * NB * (T - 1)), last[NB];
+        float *want = malloc(sizeof(float) * T * V),
+              *got[2] = {malloc(sizeof(float) * NB * V), malloc(sizeof(float) * NB * V)};
+        random_tokens(toks, NB * T, V, 16);
+        for (int b = 0; b < NB; b++) {
+            memcpy(part + b * (T - 1), toks + b * T, sizeof(int) * (T - 1));
+            last[b] = toks[b * T + T - 1];
+        }
+        kd_gpt_runner *r = NULL;
+        CHECK(kd_gpt_runner_new(&r, &cfg, wtab_lookup, &w, NB) == KD_OK);
+        int threads0 = omp_get_max_threads();
+        for (int k = 0; k < 2 && r; k++) {
+            omp_set_num_threads(k + 1);
+            kd_gpt_runner_reset(r);
+            kd_gpt_runner_prefill(r, NB, T - 1, part, NULL);
+            kd_gpt_runner_step(r, NB, last, got[k]);
+        }
+        omp_set_num_threads(threads0);
+        CHECK(r && memcmp(got[0], got[1], sizeof(float) * NB * V) == 0);
+        for (int b = 0; b < NB; b += 299) {
+            CHECK(kd_gpt_forward_naive(&cfg, wtab_lookup, &w, T, toks + b * T, want) == KD_OK);
+            CHECK_ARRAYS("threaded", got[1] + b * V, want + (T - 1) * V, V, ATOL, RTOL);
+        }
+        kd_gpt_runner_free(r);
+        free(toks);
+        free(part);
+        free(want);
+        free(got[0]);
+        free(got[1]);
+        wtab_free(&w);
+    }
+#endif
     TEST("gpt_infer: borrowed weights are read at every step, looked up once") {
         kd_gpt_cfg cfg = {1, 8, 2, 6, 9};
         wtab w;

@@ -113,7 +113,7 @@ static kd_status parse_args(int npos, const char **pos, gen_args *a) {
     a->prompt_file = cli_get(&gen_cmd, "--prompt-file");
     if (!a->prompt_arg == !a->prompt_file)
         return kd_errorf(KD_EUSAGE, "distill generate needs exactly one of --prompt TEXT and --prompt-file FILE");
-    if (st == KD_OK && (v = cli_get(&gen_cmd, "--tokens"))) st = cli_parse_int("--tokens", v, 0, 10000000, &a->tokens);
+    if (st == KD_OK && (v = cli_get(&gen_cmd, "--tokens"))) st = cli_parse_int("--tokens", v, 0, 1000000, &a->tokens);
     if (st == KD_OK && (v = cli_get(&gen_cmd, "--n"))) st = cli_parse_int("--n", v, 1, 100000, &a->n);
     if (st == KD_OK && (v = cli_get(&gen_cmd, "--threads"))) st = cli_parse_int("--threads", v, 0, 1024, &a->threads);
     if (st == KD_OK && (v = cli_get(&gen_cmd, "--temperature")))
