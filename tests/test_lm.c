@@ -452,6 +452,28 @@ static void test_cli(void) {
                 bin, ini, dir, dir);
         CHECK(rc == 1);
     }
+    TEST("BPE end to end: distill tokenize, a run with [lm] tokenizer, generate decodes with the checkpoint's tokenizer") {
+        int rc = sh("%s tokenize --data text:%s --vocab 300 --val 0.1 --out %s/tok.json > /dev/null 2>&1", bin, corpus,
+                    dir);
+        CHECK_MSG(rc == 0, "tokenize exit %d", rc);
+        rc = sh("%s run %s --quiet --threads 1 --run.name=bpe --lm.tokenizer=%s/tok.json --lm.steps=20 "
+                "--distill.baseline=0 > /dev/null 2> %s/bpe.err",
+                bin, ini, dir, dir);
+        CHECK_MSG(rc == 0, "run exit %d", rc);
+        char p[600];
+        snprintf(p, sizeof p, "%s/bpe/student.safetensors", out);
+        kd_safetensors st;
+        int ok = kd_st_read(p, &st) == KD_OK;
+        CHECK_MSG(ok && kd_st_meta(&st, "tokenizer") && atoi(kd_st_meta(&st, "vocab")) > 256, "%s", kd_error_message());
+        if (ok) kd_st_free(&st);
+        rc = sh("%s generate %s --prompt 'the dog sat' --tokens 12 --seed 2 > %s/bpe_gen.txt 2>&1", bin, p, dir);
+        snprintf(p, sizeof p, "%s/bpe_gen.txt", dir);
+        char *s = slurp(p);
+        /* 12 BPE tokens decode to at least 12 bytes after the prompt */
+        CHECK_MSG(rc == 0 && s && strncmp(s, "the dog sat", 11) == 0 && strlen(s) >= 11 + 12 + 1, "rc %d: %s", rc,
+                  s ? s : "");
+        free(s);
+    }
     TEST("distill run on text refuses a non-GPT model with a message naming the key") {
         int rc = sh("%s run %s --quiet --student.model='mlp: 32' > /dev/null 2> %s/bad.err", bin, ini, dir);
         char p[600];

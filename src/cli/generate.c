@@ -1,11 +1,12 @@
 /* generate.c - `distill generate CKPT --prompt TEXT`: text from a GPT
- * checkpoint, byte-level.
+ * checkpoint (byte-level, or BPE with the checkpoint's own tokenizer).
  *
  * Loads the checkpoint into a KV-cache runner (src/nn/gpt_infer.c), turns
- * the prompt's bytes into tokens, generates --n samples as one batch (in
+ * the prompt into tokens, generates --n samples as one batch (in
  * chunks of at most 64) and prints each as the prompt followed by its
  * continuation, samples separated by a line "---". Checkpoints that carry a
- * BPE tokenizer in their metadata are refused for now.
+ * BPE tokenizer in their metadata encode the prompt and decode the samples
+ * with it.
  */
 #include <errno.h>
 #include <math.h>
@@ -15,6 +16,7 @@
 
 #include "cli/cli.h"
 #include "kd_gpt.h"
+#include "kd_text.h"
 
 #define MAX_CHUNK 64                /* samples generated at once */
 #define MAX_PROMPT_FILE (64u << 20) /* bytes */
@@ -139,12 +141,15 @@ static kd_status generate(const gen_args *a) {
     char *tok_json = NULL, *text = NULL;
     size_t P = 0;
     kd_status st = kd_gpt_load(a->ckpt, &cfg, &r, &tok_json);
-    if (st == KD_OK && tok_json)
-        st = kd_errorf(KD_ECONFIG,
-                       "%s: the checkpoint holds a BPE tokenizer (metadata 'tokenizer'); BPE tokenizers: not yet "
-                       "wired into generate (byte-level checkpoints only)",
-                       a->ckpt);
-    if (st == KD_OK && cfg.vocab > 256)
+    kd_tokenizer tok;
+    int bpe = 0;
+    if (st == KD_OK && tok_json) { /* a BPE model: its tokenizer travels in the checkpoint */
+        st = kd_tokenizer_from_json(&tok, tok_json, a->ckpt);
+        bpe = st == KD_OK;
+        if (st == KD_OK && tok.vocab != cfg.vocab)
+            st = kd_errorf(KD_EFORMAT, "%s: the tokenizer has %d tokens, the model %d", a->ckpt, tok.vocab, cfg.vocab);
+    }
+    if (st == KD_OK && !bpe && cfg.vocab > 256)
         st = kd_errorf(KD_ECONFIG, "%s: vocabulary of %d tokens and no tokenizer: byte-level text needs at most 256",
                        a->ckpt, cfg.vocab);
     if (st == KD_OK) {
@@ -159,7 +164,19 @@ static kd_status generate(const gen_args *a) {
         st = kd_errorf(KD_EUSAGE, "the prompt%s%s is empty (at least one byte is needed)",
                        a->prompt_file ? " file " : "", a->prompt_file ? a->prompt_file : "");
     if (st == KD_OK && P > (size_t)MAX_PROMPT_FILE) st = kd_errorf(KD_EUSAGE, "the prompt is too long");
-    for (size_t i = 0; st == KD_OK && i < P; i++) {
+    /* the prompt as token ids */
+    uint16_t *ids = NULL;
+    size_t n_ids = 0;
+    if (st == KD_OK) {
+        ids = kd_malloc((P + 1) * sizeof *ids);
+        if (bpe) {
+            n_ids = kd_tokenizer_encode(&tok, (const uint8_t *)text, P, ids);
+        } else {
+            for (size_t i = 0; i < P; i++) ids[i] = (unsigned char)text[i];
+            n_ids = P;
+        }
+    }
+    for (size_t i = 0; st == KD_OK && !bpe && i < P; i++) {
         unsigned char c = (unsigned char)text[i];
         if (c >= cfg.vocab)
             st = kd_errorf(KD_EUSAGE,
@@ -169,12 +186,18 @@ static kd_status generate(const gen_args *a) {
     }
     int chunk = a->n < MAX_CHUNK ? a->n : MAX_CHUNK;
     int *prompt = NULL, *out = NULL;
+    uint16_t *ob = NULL;
+    uint8_t *dec = NULL;
+    size_t dec_cap = 0;
     if (st == KD_OK) {
         kd_gpt_runner_reserve(r, chunk);
-        prompt = kd_malloc((size_t)chunk * P * sizeof(int));
+        prompt = kd_malloc((size_t)chunk * n_ids * sizeof(int));
         out = kd_malloc((size_t)chunk * (size_t)(a->tokens > 0 ? a->tokens : 1) * sizeof(int));
+        ob = kd_malloc((size_t)(a->tokens > 0 ? a->tokens : 1) * sizeof *ob);
+        dec_cap = bpe ? (size_t)(a->tokens > 0 ? a->tokens : 1) * KD_TEXT_MAX_CHUNK : 1;
+        dec = kd_malloc(dec_cap);
         for (int b = 0; b < chunk; b++)
-            for (size_t i = 0; i < P; i++) prompt[(size_t)b * P + i] = (unsigned char)text[i];
+            for (size_t i = 0; i < n_ids; i++) prompt[(size_t)b * n_ids + i] = ids[i];
     }
     kd_rng rng;
     kd_rng_seed(&rng, a->seed);
@@ -183,13 +206,19 @@ static kd_status generate(const gen_args *a) {
         int B = a->n - s0 < chunk ? a->n - s0 : chunk;
         struct timespec t0, t1;
         clock_gettime(CLOCK_MONOTONIC, &t0);
-        st = kd_gpt_generate(r, B, prompt, (int)P, a->tokens, &a->so, &rng, out);
+        st = kd_gpt_generate(r, B, prompt, (int)n_ids, a->tokens, &a->so, &rng, out);
         clock_gettime(CLOCK_MONOTONIC, &t1);
         secs += (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec);
         for (int b = 0; st == KD_OK && b < B; b++) {
             if (s0 + b > 0) fputs("---\n", stdout);
             fwrite(text, 1, P, stdout);
-            for (int i = 0; i < a->tokens; i++) putchar(out[(size_t)b * a->tokens + i]);
+            if (bpe) {
+                for (int i = 0; i < a->tokens; i++) ob[i] = (uint16_t)out[(size_t)b * a->tokens + i];
+                size_t nb = kd_tokenizer_decode(&tok, ob, (size_t)a->tokens, dec, dec_cap);
+                fwrite(dec, 1, nb < dec_cap ? nb : dec_cap, stdout);
+            } else {
+                for (int i = 0; i < a->tokens; i++) putchar(out[(size_t)b * a->tokens + i]);
+            }
             putchar('\n');
         }
     }
@@ -201,8 +230,12 @@ static kd_status generate(const gen_args *a) {
     }
     free(prompt);
     free(out);
+    free(ob);
+    free(dec);
+    free(ids);
     free(text);
     free(tok_json);
+    if (bpe) kd_tokenizer_free(&tok);
     kd_gpt_runner_free(r);
     return st;
 }
