@@ -129,7 +129,8 @@ typedef struct kd_lm_cache {
     int seq, k, vocab;
     float T;
     kd_lm_windows w;
-    uint16_t *own; /* converted copies when the file's dtypes need it */
+    uint16_t *own; /* a copy when the file's payload is not 2-byte aligned, else NULL (read in place) */
+    int open;
 } kd_lm_cache;
 kd_status kd_lm_cache_build(const char *teacher_ckpt, const kd_text_data *d, int seq, int k, float T, int batch,
                             int64_t max_windows, const char *out, double *seconds);

@@ -286,7 +286,7 @@ static void test_train_and_distill(void) {
         CHECK_MSG(kd_lm_cache_build(tck, &d, 24, 8, 1.0f, 8, 40, cp, &secs) == KD_OK, "%s", kd_error_message());
         kd_lm_cache c;
         CHECK_MSG(kd_lm_cache_open(cp, &c) == KD_OK, "%s", kd_error_message());
-        if (!c.own) break;
+        if (!c.open) break;
         CHECK(c.n == 40 && c.k == 8 && c.seq == 24 && c.vocab == 256);
         /* log-probs sorted descending, total mass <= 1, and the window tokens are the data's */
         int ok = 1;

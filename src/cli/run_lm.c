@@ -394,7 +394,7 @@ int cli_run_lm(const kd_config *cfg, const char *dir, int threads, kd_log *log) 
             st = train_one(&r, &s, tck1, &o, path, ss);
         }
         free(seqkd);
-        if (cache.own) kd_lm_cache_close(&cache);
+        if (cache.open) kd_lm_cache_close(&cache);
     }
     if (st == KD_OK) st = write_summary(dir, stages, ns, threads, *sspec ? loss : NULL, seqkd_seconds);
     if (st == KD_OK) {

@@ -187,11 +187,18 @@ kd_status kd_lm_cache_open(const char *path, kd_lm_cache *c) {
         return st;
     }
     size_t ntok = (size_t)n * (seq + 1), nid = (size_t)n * seq * k;
-    c->own = kd_malloc((ntok + 2 * nid) * sizeof *c->own);
-    uint16_t *tok = c->own, *ids = tok + ntok, *lp = ids + nid;
-    memcpy(tok, tt->data, ntok * 2);
-    memcpy(ids, ti->data, nid * 2);
-    memcpy(lp, tl->data, nid * 2);
+    const uint16_t *tok, *ids, *lp;
+    if (((uintptr_t)tt->data | (uintptr_t)ti->data | (uintptr_t)tl->data) % _Alignof(uint16_t) == 0) {
+        tok = (const uint16_t *)(const void *)tt->data; /* read in place: the file is already in memory */
+        ids = (const uint16_t *)(const void *)ti->data;
+        lp = (const uint16_t *)(const void *)tl->data;
+    } else { /* a writer that did not align its payload: copy once */
+        c->own = kd_malloc((ntok + 2 * nid) * sizeof *c->own);
+        memcpy(c->own, tt->data, ntok * 2);
+        memcpy(c->own + ntok, ti->data, nid * 2);
+        memcpy(c->own + ntok + nid, tl->data, nid * 2);
+        tok = c->own, ids = c->own + ntok, lp = c->own + ntok + nid;
+    }
     for (size_t i = 0; i < ntok && st == KD_OK; i++)
         if (tok[i] >= vocab) st = kd_errorf(KD_EFORMAT, "%s: lm.tokens holds token %u of %ld", path, tok[i], vocab);
     /* ids in range and distinct per position (the loss relies on it) */
@@ -213,6 +220,7 @@ kd_status kd_lm_cache_open(const char *path, kd_lm_cache *c) {
         kd_lm_cache_close(c);
         return st;
     }
+    c->open = 1;
     c->n = n;
     c->seq = (int)seq;
     c->k = (int)k;
