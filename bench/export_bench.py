@@ -5,17 +5,18 @@ For each model (--model NAME CHECKPOINT FP32_DIR INT8_DIR, where each DIR
 holds the export, its compiled harness `bench` and `model.o`; the spec and
 the normalisation come from the checkpoint's metadata):
   * runs the harness of the float32 and the int8 export over the test set:
-    accuracy, logits, microseconds per sample (median of --reps passes);
+    accuracy, logits, microseconds per sample;
   * reads the size of model.o (text, data, bss: `size`);
   * builds the same network in PyTorch (tools/torch_teacher.py build()),
     loads the SAME weights from the distill checkpoint (our names renamed
     to the module's), exports it with torch.onnx.export and runs it with
     ONNX Runtime (1 intra-op and 1 inter-op thread, batch 1 per sample,
     the same images), checks its logits equal our float32 export's to 1e-4,
-    and times it the same way;
+    and times it the same way (a Python loop of session.run calls);
   * optionally (--ort-int8) the ONNX model quantised by ONNX Runtime's own
     dynamic int8 quantisation, for reference.
-Also times ONNX Runtime on an Identity graph of the same input: the cost of
+Every figure is the median of --reps timed passes over the test set, the
+runtimes taking turns pass by pass. Also times ONNX Runtime on an Identity graph of the same input: the cost of
 one session.run call from Python, included in every ONNX Runtime figure.
 Prints a Markdown table and writes --json.
 """
@@ -36,25 +37,25 @@ def size_of(obj):
     return {"text": int(out[0]), "data": int(out[1]), "bss": int(out[2])}
 
 
-def run_harness(d, images, labels, n, reps):
+def run_harness(d, images, labels, n):
+    """one run of the harness: a checking pass, then one timed pass"""
     out = os.path.join(d, "logits.f32")
-    r = subprocess.run([os.path.join(d, "bench"), images, labels, str(n), out, str(reps)], check=True,
+    r = subprocess.run([os.path.join(d, "bench"), images, labels, str(n), out, "1"], check=True,
                        capture_output=True, text=True)
     res = json.loads(r.stdout)
     res["logits"] = np.fromfile(out, dtype=np.float32).reshape(n, -1)
     return res
 
 
-def time_ort(sess, x, reps):
+def ort_pass(sess, x):
+    """one timed pass, batch 1 per sample: (logits, microseconds per sample)"""
     name = sess.get_inputs()[0].name
-    outs = [sess.run(None, {name: x[i:i + 1]})[0] for i in range(len(x))]
-    us = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for i in range(len(x)):
-            sess.run(None, {name: x[i:i + 1]})
-        us.append((time.perf_counter() - t0) * 1e6 / len(x))
-    return np.concatenate(outs), us
+    out = [None] * len(x)
+    t0 = time.perf_counter()
+    for i in range(len(x)):
+        out[i] = sess.run(None, {name: x[i:i + 1]})[0]
+    us = (time.perf_counter() - t0) * 1e6 / len(x)
+    return np.concatenate(out).reshape(len(x), -1), us
 
 
 def session(path):
@@ -140,7 +141,9 @@ def main():
 
     ident = os.path.join(a.work, "identity.onnx")
     identity_onnx(ident)
-    _, call_us = time_ort(session(ident), px, a.reps)
+    sid = session(ident)
+    ort_pass(sid, px[:1000])
+    call_us = [ort_pass(sid, px)[1] for _ in range(a.reps)]
     rows, res = [], {"machine": platform.processor() or platform.machine(), "load": os.getloadavg(),
                      "onnxruntime": onnxruntime.__version__, "torch": torch.__version__, "cflags": a.cflags,
                      "n": n, "reps": a.reps, "ort_call_us": median(call_us), "models": []}
@@ -153,13 +156,33 @@ def main():
             sys.exit("%s: not a distill checkpoint (no metadata)" % ckpt)
         spec = meta["model"]
         mean, std = (float(v) for v in meta["normalize"].split(","))
-        r32 = run_harness(d32, images, labels, n, a.reps)
-        r8 = run_harness(d8, images, labels, n, a.reps)
-        s32, s8 = size_of(os.path.join(d32, "model.o")), size_of(os.path.join(d8, "model.o"))
         net = Norm(torch_model(spec, ckpt), mean, std).eval()
         onx = os.path.join(a.work, name + ".onnx")
         export_onnx(net, onx)
-        z, us = time_ort(session(onx), px, a.reps)
+        sess, sq, onq = session(onx), None, None
+        if a.ort_int8:
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+            onq = os.path.join(a.work, name + "_int8.onnx")
+            quantize_dynamic(onx, onq, weight_type=QuantType.QInt8)
+            sq = session(onq)
+        ort_pass(sess, px[:1000])  # warm-up
+        # the repetitions interleave the runtimes, so that a change in the
+        # machine's load touches all of them alike
+        r32, r8, us, usq = None, None, [], []
+        for _ in range(a.reps):
+            t = run_harness(d32, images, labels, n)
+            r32 = r32 or dict(t, us=[])
+            r32["us"].append(t["median_us"])
+            t = run_harness(d8, images, labels, n)
+            r8 = r8 or dict(t, us=[])
+            r8["us"].append(t["median_us"])
+            z, u = ort_pass(sess, px)
+            us.append(u)
+            if sq is not None:
+                zq, u = ort_pass(sq, px)
+                usq.append(u)
+        r32["median_us"], r8["median_us"] = median(r32["us"]), median(r8["us"])
+        s32, s8 = size_of(os.path.join(d32, "model.o")), size_of(os.path.join(d8, "model.o"))
         with torch.no_grad():
             zt = net(torch.from_numpy(px[:256])).numpy()
         diff = np.abs(z - r32["logits"]) / (1.0 + np.abs(r32["logits"]))
@@ -175,13 +198,9 @@ def main():
              "ort_fp32": {"acc": acc_ort, "us": us, "median_us": median(us), "onnx_bytes": os.path.getsize(onx)},
              "ort_vs_c_max_rel_diff": float(diff.max()), "torch_vs_c_max_rel_diff": float(difft.max()),
              "ort_logits_equal_1e-4": same}
-        if a.ort_int8:
-            from onnxruntime.quantization import QuantType, quantize_dynamic
-            q = os.path.join(a.work, name + "_int8.onnx")
-            quantize_dynamic(onx, q, weight_type=QuantType.QInt8)
-            zq, usq = time_ort(session(q), px, a.reps)
+        if sq is not None:
             m["ort_int8"] = {"acc": float((zq.argmax(1) == yte).mean()), "us": usq, "median_us": median(usq),
-                             "onnx_bytes": os.path.getsize(q)}
+                             "onnx_bytes": os.path.getsize(onq)}
         res["models"].append(m)
     kb = lambda b: "%.1f KB" % (b / 1024.0)
     print("| model | runtime | test acc | vs fp32 (pt) | us/sample | size |")

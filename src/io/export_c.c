@@ -13,9 +13,11 @@
  * (batch norm with invstd = 1/sqrtf(var + eps) at run time; per output the
  * convolution sums bias, then c, kh, kw in order), so logits agree with the
  * engine up to GEMM's summation order. Weights are printed with %.9g,
- * which round-trips every float exactly. Linear weights are stored
- * transposed, (IN, OUT), so that the inner loop runs over outputs and
- * vectorises without reordering any sum.
+ * which round-trips every float exactly. The loops are shaped for a plain
+ * `cc -O2` to vectorise them without reordering any float sum: linear
+ * weights are stored transposed, (IN, OUT), and the inner loop runs over
+ * outputs; a convolution works on a zero-padded copy of its input (see
+ * conv_geom) with constant trip counts.
  *
  * int8 (the rule in full: docs/export.md): batch norm is folded into the
  * convolution before it, in double; each output channel's weights are
@@ -23,7 +25,9 @@
  * time the input of every convolution and linear layer is quantised per
  * sample and per tensor by the same rule, products are summed in int32 and
  * each sum is scaled back by s_x * s_w[o] plus a float bias. Pooling, ReLU,
- * residual additions and the logits stay float.
+ * residual additions and the logits stay float. Quantised activations are
+ * held in shorts (values in [-127, 127]) so that gcc turns the int8 dot
+ * products into pmaddwd; the weights are int8 in the file.
  *
  * Deliberately not here: ops other than convolution, batch norm, ReLU,
  * pooling, linear, dropout and addition (the error names the node),
@@ -79,10 +83,13 @@ static void emit_int8(FILE *f, const char *name, const int8_t *v, int64_t k) {
 
 /* A convolution runs on the zero-padded input, (C, Hp, Wp) plus slack, and
  * computes each output plane on the padded grid: wide[oh * Wp + ow], of
- * which columns ow < OW are kept. For every (c, kh, kw) the update is then
- * one flat loop, wide[i] += w * pad[(c * Hp + kh) * Wp + kw + S * i] for i
- * < L, L = OH * Wp rounded up to 16: a constant trip count that gcc -O2
- * vectorises. Wider than needed by (Wp / OW), about S. */
+ * which columns ow < OW are kept. For every input channel c the update is
+ * then one flat loop over i < L (L = OH * Wp rounded up to 16, a constant
+ * trip count that gcc -O2 vectorises) adding every tap in the order kh, kw:
+ * wide[i] = wide[i] + w[c,0,0] * pad[c, S * i] + w[c,0,1] * pad[c, S * i + 1]
+ * + ... with pad[c, j] = xpad[c * Hp * Wp + j]. The padding contributes
+ * exact zeros, so each output's float sum is the direct convolution's, in
+ * the same order. The work is Wp / OW times the direct one, about S. */
 typedef struct conv_geom {
     int C, H, W, OC, OH, OW, KH, KW, S, P, Hp, Wp;
     int64_t L, npad;
