@@ -300,6 +300,18 @@ void test_export(void) {
         CHECK_MSG(right >= 0.6 * N, "the model is trained: accuracy %d/%d", right, N);
         free(px), free(z), free(z8);
         kd_classifier_free(&c);
+        /* the CLI flag writes the same files as the library */
+        const char *bin = getenv("KD_DISTILL") ? getenv("KD_DISTILL") : "build/distill";
+        char cmd[4096], a[700], b[4096];
+        snprintf(cmd, sizeof cmd, "%s export %s --c %s_cli --int8 > /dev/null && cmp -s %s/model.c %s_cli/model.c", bin,
+                 ck, dir8, dir8, dir8);
+        CHECK_MSG(run_cmd(cmd) == 0, "%s", cmd);
+        snprintf(a, sizeof a, "%s_cli/model.h", dir8);
+        FILE *f = fopen(a, "r");
+        size_t nb = f ? fread(b, 1, sizeof b - 1, f) : 0;
+        b[nb] = '\0';
+        if (f) fclose(f);
+        CHECK_MSG(strstr(b, "#define MODEL_INT8 1") && strstr(b, "MODEL_WORKSPACE_BYTES"), "%s", a);
     }
     kd_dataset_free(&train);
     kd_dataset_free(&test);
