@@ -320,6 +320,7 @@ enum {
     KD_OP_RANK_ALIGN,
     /* cached top-k teacher (src/distill/topk.c) */
     KD_OP_TOPK_DIVERGENCE,
+    KD_OP_TOPK_DENSE,
     /* language models (src/ops/lm.c) */
     KD_OP_EMBEDDING,
     KD_OP_POS_ADD,

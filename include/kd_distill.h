@@ -46,6 +46,10 @@ kd_node *kd_divergence(kd_graph *g, kd_node *s, kd_node *t, kd_node *mask, kd_di
  * ip[0] kind; fp[0] T, fp[1] param, fp[2] scale. */
 kd_node *kd_topk_divergence(kd_graph *g, kd_node *s, kd_node *t_ids, kd_node *t_logp, kd_node *mask, kd_div_kind kind,
                             float T, float param, float scale);
+/* A cached teacher as dense log-probability rows (..., V): the k cached
+ * values at their ids, the leftover mass spread evenly over the other ids.
+ * A constant; lets rank terms (rlkd) read a top-k cache. */
+kd_node *kd_topk_dense(kd_graph *g, kd_node *t_ids, kd_node *t_logp, int V);
 /* Decoupled KD (Zhao et al. 2022) without the warm-up factor (apply it with
  * a kd_scale node): T^2 * (alpha*KL(b_t||b_s) + beta*KL(q_t||q_s)), where b
  * is the binary [p_y, 1-p_y] and q the softmax over non-target classes. */

@@ -319,6 +319,39 @@ static void test_train_and_distill(void) {
             CHECK_MSG(first < 1.0 && tr.val.loss < 3.5, "cached fkl %g, val loss %g", first, tr.val.loss);
             kd_lm_free(&lm);
         }
+        /* rlkd reads the cache's peaks (k <= the cache's k) */
+        s.loss = "ce + rlkd(k=4, tau=0.5, weight=0.5)";
+        CHECK_MSG(kd_lm_new(&lm, &s, 3) == KD_OK, "%s", kd_error_message());
+        if (lm.g) {
+            float x[24], y[24];
+            kd_graph_set_batch(lm.g, 1);
+            kd_text_window(&d, 0, 3, 24, x, y);
+            memcpy(lm.x->val.data, x, sizeof x);
+            memcpy(lm.y->val.data, y, sizeof y);
+            for (int t = 0; t < 24; t++) lm.mask->val.data[t] = 1.0f;
+            for (int j = 0; j < 24 * 8; j++) {
+                lm.t_ids->val.data[j] = c.w.ids[3 * 24 * 8 + j];
+                lm.t_logp->val.data[j] = kd_f16_to_f32(c.w.logp[3 * 24 * 8 + j]);
+            }
+            kd_graph_forward(lm.g, 1);
+            float r = lm.terms.terms[1].value->val.data[0];
+            CHECK_MSG(r >= 0.0f && r <= 2.0f && isfinite(r), "rlkd on the cache: %g", r);
+            /* the dense view: cached values at their ids, the rest equal and below them */
+            kd_node *dn = NULL;
+            for (int i = 0; i < kd_graph_n_nodes(lm.g); i++)
+                if (kd_graph_node(lm.g, i)->op == KD_OP_TOPK_DENSE) dn = kd_graph_node(lm.g, i);
+            CHECK(dn != NULL);
+            if (dn) {
+                const float *row = dn->val.data + 5 * 256;
+                double mass = 0;
+                for (int v = 0; v < 256; v++) mass += exp(row[v]);
+                CHECK_CLOSE(mass, 1.0, 2e-3, 0.0);
+                CHECK(row[(int)lm.t_ids->val.data[5 * 8]] == lm.t_logp->val.data[5 * 8]);
+            }
+            kd_lm_free(&lm);
+        }
+        s.loss = "rlkd(k=9)";
+        CHECK(kd_lm_new(&lm, &s, 3) == KD_ECONFIG && strstr(kd_error_message(), "top-k"));
         /* a loss temperature other than the cache's is refused */
         s.loss = "fkl(T=2)";
         CHECK(kd_lm_new(&lm, &s, 3) == KD_ECONFIG && strstr(kd_error_message(), "temperature"));

@@ -387,3 +387,52 @@ kd_node *kd_topk_divergence(kd_graph *g, kd_node *s, kd_node *t_ids, kd_node *t_
     float fp[8] = {T, param, scale};
     return kd_graph_add_op_ex(g, KD_OP_TOPK_DIVERGENCE, mask ? 4 : 3, in, ip, fp);
 }
+
+/* ---------------------------------------------------------------- dense view of a cache
+ * inputs t_ids, t_logp (..., k); ip[0] V -> (..., V): the k cached
+ * log-probabilities at their ids and, everywhere else, the log of the
+ * leftover mass spread evenly, log(max(1 - sum q, 1e-12) / (V - k)). A
+ * constant (no gradient): it lets rank-based terms (rlkd) read a cached
+ * teacher. Ids are validated by the cache reader. */
+
+static kd_status dense_infer(kd_node *n) {
+    const kd_tensor *a = &n->in[0]->val, *b = &n->in[1]->val;
+    int same = a->ndim == b->ndim && a->ndim >= 1;
+    for (int i = 0; same && i < a->ndim; i++) same = a->shape[i] == b->shape[i];
+    if (!same) return kd_op_shape_error(n, "ids and log-probs must have the same shape");
+    if (a->shape[a->ndim - 1] > n->ip[0]) return kd_op_shape_error(n, "more cached ids than vocabulary");
+    n->val.ndim = a->ndim;
+    memcpy(n->val.shape, a->shape, sizeof n->val.shape);
+    n->val.shape[a->ndim - 1] = n->ip[0];
+    return KD_OK;
+}
+
+static void dense_forward(kd_node *n, const kd_ctx *ctx) {
+    (void)ctx;
+    int V = n->ip[0], k = n->in[0]->val.shape[n->in[0]->val.ndim - 1];
+    int64_t R = kd_numel(&n->in[0]->val) / k;
+    const float *ids = n->in[0]->val.data, *lp = n->in[1]->val.data;
+    float *out = n->val.data;
+#pragma omp parallel for if (R * V > 65536) schedule(static)
+    for (int64_t r = 0; r < R; r++) {
+        double mass = 0.0;
+        for (int j = 0; j < k; j++) mass += exp((double)lp[r * k + j]);
+        double tail = 1.0 - mass;
+        float fill = k < V ? (float)log((tail > 1e-12 ? tail : 1e-12) / (double)(V - k)) : 0.0f;
+        float *o = out + r * V;
+        for (int v = 0; v < V; v++) o[v] = fill;
+        for (int j = 0; j < k; j++) {
+            int id = (int)ids[r * k + j];
+            KD_ASSERT(id >= 0 && id < V, "cached id %d outside [0, %d) in '%s'", id, V, n->name);
+            o[id] = lp[r * k + j];
+        }
+    }
+}
+
+const kd_op_def kd_op_topk_dense = {.name = "topk_dense", .infer = dense_infer, .forward = dense_forward};
+
+kd_node *kd_topk_dense(kd_graph *g, kd_node *t_ids, kd_node *t_logp, int V) {
+    kd_node *in[2] = {t_ids, t_logp};
+    int ip[8] = {V};
+    return kd_graph_add_op_ex(g, KD_OP_TOPK_DENSE, 2, in, ip, NULL);
+}

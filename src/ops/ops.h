@@ -25,7 +25,7 @@ extern const kd_op_def kd_op_vid_nll, kd_op_l2norm, kd_op_crd_infonce, kd_op_crd
 extern const kd_op_def kd_op_rank_align;
 
 /* cached top-k teacher (src/distill/topk.c) */
-extern const kd_op_def kd_op_topk_divergence;
+extern const kd_op_def kd_op_topk_divergence, kd_op_topk_dense;
 
 /* language models (src/ops/lm.c) */
 extern const kd_op_def kd_op_embedding, kd_op_pos_add, kd_op_layernorm, kd_op_causal_attention;

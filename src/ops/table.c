@@ -52,6 +52,7 @@ const kd_op_def *const kd_ops[KD_OP_COUNT] = {
     [KD_OP_RANK_ALIGN] = &kd_op_rank_align,
     /* cached top-k teacher */
     [KD_OP_TOPK_DIVERGENCE] = &kd_op_topk_divergence,
+    [KD_OP_TOPK_DENSE] = &kd_op_topk_dense,
     /* language models */
     [KD_OP_EMBEDDING] = &kd_op_embedding,
     [KD_OP_POS_ADD] = &kd_op_pos_add,

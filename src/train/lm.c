@@ -32,11 +32,12 @@ static kd_status build_cached_terms(kd_lm *lm, const char *spec_str, float cache
     if (st != KD_OK) return st;
     kd_built_loss *L = &lm->terms;
     memset(L, 0, sizeof *L);
+    kd_node *t_dense = NULL; /* the cache as dense rows, built once if a rank term needs it */
     for (int i = 0; i < spec.n; i++) {
         const kd_loss_term *t = &spec.terms[i];
         float weight = 1.0f, T = cache_T, prm = 0.5f;
         int has_T = 0;
-        for (int a = 0; a < t->n_args; a++) {
+        for (int a = 0; a < t->n_args && strcmp(t->name, "rlkd") != 0; a++) {
             char *end;
             float v = strtof(t->args[a].value, &end);
             if (end == t->args[a].value || *end)
@@ -54,6 +55,27 @@ static kd_status build_cached_terms(kd_lm *lm, const char *spec_str, float cache
         }
         kd_node *v = NULL;
         int kind = -1;
+        if (strcmp(t->name, "rlkd") == 0) { /* rank alignment on the cached peaks */
+            int k = 10;
+            float tau = 1.0f;
+            weight = 1.0f;
+            for (int a = 0; a < t->n_args; a++) {
+                float x = strtof(t->args[a].value, NULL);
+                if (strcmp(t->args[a].key, "k") == 0)
+                    k = (int)x;
+                else if (strcmp(t->args[a].key, "tau") == 0)
+                    tau = x;
+                else if (strcmp(t->args[a].key, "weight") == 0)
+                    weight = x;
+            }
+            if (k < 2 || k > lm->cache_k)
+                return kd_errorf(KD_ECONFIG, "loss 'rlkd': k=%d must be in [2, %d] (the cache's top-k)", k, lm->cache_k);
+            if (!(tau > 0.0f)) return kd_errorf(KD_ECONFIG, "loss 'rlkd': tau must be > 0");
+            if (!t_dense) t_dense = kd_topk_dense(lm->g, lm->t_ids, lm->t_logp, lm->vocab);
+            v = kd_rank_align(lm->g, lm->m.logits, t_dense, lm->mask, k, tau);
+            kind = KD_DIV_FKL; /* reads the teacher */
+            goto add_term;
+        }
         if (strcmp(t->name, "ce") == 0)
             v = kd_cross_entropy(lm->g, lm->m.logits, lm->y, 0.0f);
         else if (strcmp(t->name, "kd") == 0 || strcmp(t->name, "fkl") == 0)
@@ -70,7 +92,7 @@ static kd_status build_cached_terms(kd_lm *lm, const char *spec_str, float cache
             kind = KD_DIV_SRKL;
         else
             return kd_errorf(KD_ECONFIG,
-                             "loss '%s' cannot read a cached LM teacher (ce, kd/fkl, rkl, jsd, tvd, skl, srkl can)",
+                             "loss '%s' cannot read a cached LM teacher (ce, kd/fkl, rkl, jsd, tvd, skl, srkl, rlkd can)",
                              t->name);
         if (kind >= 0) {
             if (has_T && fabsf(T - cache_T) > 1e-6f)
@@ -83,6 +105,7 @@ static kd_status build_cached_terms(kd_lm *lm, const char *spec_str, float cache
             v = kd_topk_divergence(lm->g, lm->m.logits, lm->t_ids, lm->t_logp, lm->mask, (kd_div_kind)kind, T, prm,
                                    t2 ? T * T : 1.0f);
         }
+    add_term:;
         kd_built_term *bt = &L->terms[L->n++];
         snprintf(bt->name, sizeof bt->name, "%s", t->name);
         bt->weight = weight;
