@@ -518,6 +518,38 @@ static void test_sigkill(void) {
     }
 }
 
+/* crd keeps a memory bank from step to step in its op's workspace: the
+ * state carries it (an opstate.* tensor), else the resumed run differs */
+static void test_op_state(void) {
+    char p[512], q[512], teacher[600];
+    TEST("resume: a CRD memory bank (op state) continues exactly") {
+        snprintf(teacher, sizeof teacher, "--teacher.checkpoint=%s", run_file(p, "a", "teacher.safetensors"));
+        const char *loss = "--distill.loss=ce + crd(weight=0.8, n_data=600, nce_k=64)";
+        res r = run("crd_a", "--quiet", teacher, loss, "--distill.baseline=0", NULL);
+        CHECK(ok_run(&r));
+        res_free(&r);
+        run_file(p, "crd_a", "metrics.jsonl");
+        int n = count_lines(p);
+        CHECK_MSG(n == 60, "%d lines", n);
+        proc pr = spawn("crd_b", "--quiet", teacher, loss, "--distill.baseline=0", NULL);
+        CHECK(signal_at_lines(&pr, run_file(q, "crd_b", "metrics.jsonl"), rnd(5, n - 15), SIGKILL));
+        r = finish(&pr);
+        res_free(&r);
+        r = run("crd_b", "--quiet", teacher, loss, "--distill.baseline=0", "--resume", NULL);
+        CHECK(ok_run(&r));
+        res_free(&r);
+        CHECK(same_bytes(p, q));
+        CHECK(same_bytes(run_file(p, "crd_a", "student.safetensors"), run_file(q, "crd_b", "student.safetensors")));
+        kd_safetensors st;
+        int has = 0;
+        if (kd_st_read(run_file(p, "crd_b", "student.state.safetensors"), &st) == KD_OK) {
+            for (int i = 0; i < st.n; i++) has |= !strncmp(st.tensors[i].name, "opstate.", 8);
+            kd_st_free(&st);
+        }
+        CHECK(has);
+    }
+}
+
 static void test_signals(void) {
     char p[512], q[512];
     TEST("resume: SIGINT exits 130 with a state and a resume hint") {
@@ -813,6 +845,7 @@ void test_resume(void) {
     }
     test_reference();
     test_sigkill();
+    test_op_state();
     test_signals();
     test_refusals();
     test_divergence();

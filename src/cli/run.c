@@ -176,38 +176,6 @@ static int fail(kd_status st) {
     return st == KD_EUSAGE ? 2 : 1;
 }
 
-/* After KD_EINTR: what stopped, where the state is, the command that
- * resumes; exit 128 + the signal (130 SIGINT, 143 SIGTERM). */
-static int interrupted(const kd_log *log, int argc, char **argv) {
-    int sig = g_stop ? g_stop : SIGINT;
-    const char *name = sig == SIGTERM ? "SIGTERM" : "SIGINT";
-    char cmd[4096];
-    size_t k = (size_t)snprintf(cmd, sizeof cmd, "distill run");
-    for (int i = 0; i < argc && k < sizeof cmd; i++) {
-        if (strcmp(argv[i], "--resume") == 0) continue;
-        int plain = argv[i][strspn(argv[i], "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.,/=:+@")] ==
-                    '\0';
-        k += (size_t)snprintf(cmd + k, sizeof cmd - k, plain ? " %s" : " '%s'", argv[i]);
-    }
-    if (k < sizeof cmd) snprintf(cmd + k, sizeof cmd - k, " --resume");
-    if (log->json) {
-        cJSON *o = cJSON_CreateObject();
-        cJSON_AddStringToObject(o, "event", "interrupted");
-        cJSON_AddStringToObject(o, "signal", name);
-        cJSON_AddNumberToObject(o, "exit_code", 128 + sig);
-        cJSON_AddStringToObject(o, "message", kd_error_message());
-        cJSON_AddStringToObject(o, "resume", cmd);
-        char *t = cJSON_PrintUnformatted(o);
-        fprintf(stderr, "%s\n", t);
-        cJSON_free(t);
-        cJSON_Delete(o);
-    } else {
-        if (log->tty) fprintf(stderr, "\r\033[K");
-        fprintf(stderr, "distill: interrupted by %s: %s\ndistill: resume with: %s\n", name, kd_error_message(), cmd);
-    }
-    return 128 + sig;
-}
-
 /* What the stages share: the run directory, the log, the progress record
  * and the state path of the stage about to train. */
 typedef struct run_ctx {
@@ -827,6 +795,6 @@ int cmd_run(int argc, char **argv) {
     kd_config_free(cfg);
     progress_close(&rc.prog);
     free(cfg_text);
-    if (st == KD_EINTR) return interrupted(&log, argc, argv);
+    if (st == KD_EINTR) return run_interrupted(&log, g_stop ? g_stop : SIGINT, argc, argv);
     return st == KD_OK ? 0 : fail(st);
 }

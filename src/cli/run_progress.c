@@ -12,11 +12,13 @@
  * cJSON prints a number with 17 significant digits where 15 do not read
  * back exactly, so the results of a skipped stage are bit-identical to
  * those it had. A stage is recorded after its weights are written, so a
- * recorded stage always has them. Deliberately not here: the state of a
- * stage in progress (src/train/state.c).
+ * recorded stage always has them. Also the message of an interrupted run.
+ * Deliberately not here: the state of a stage in progress
+ * (src/train/state.c).
  */
 #include <dirent.h>
 #include <errno.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -247,4 +249,35 @@ kd_status progress_cut(run_progress *p, FILE *metrics) {
         return kd_errorf(KD_EIO, "%s/metrics.jsonl: cannot cut back to %lld bytes: %s", p->dir,
                          (long long)p->metrics_end, strerror(errno));
     return KD_OK;
+}
+
+/* After KD_EINTR: what stopped, where the state is, the command that
+ * resumes; exit 128 + the signal (130 SIGINT, 143 SIGTERM). */
+int run_interrupted(const kd_log *log, int sig, int argc, char **argv) {
+    const char *name = sig == SIGTERM ? "SIGTERM" : "SIGINT";
+    char cmd[4096];
+    size_t k = (size_t)snprintf(cmd, sizeof cmd, "distill run");
+    for (int i = 0; i < argc && k < sizeof cmd; i++) {
+        if (strcmp(argv[i], "--resume") == 0) continue;
+        int plain = argv[i][strspn(argv[i], "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.,/=:+@")] ==
+                    '\0';
+        k += (size_t)snprintf(cmd + k, sizeof cmd - k, plain ? " %s" : " '%s'", argv[i]);
+    }
+    if (k < sizeof cmd) snprintf(cmd + k, sizeof cmd - k, " --resume");
+    if (log->json) {
+        cJSON *o = cJSON_CreateObject();
+        cJSON_AddStringToObject(o, "event", "interrupted");
+        cJSON_AddStringToObject(o, "signal", name);
+        cJSON_AddNumberToObject(o, "exit_code", 128 + sig);
+        cJSON_AddStringToObject(o, "message", kd_error_message());
+        cJSON_AddStringToObject(o, "resume", cmd);
+        char *t = cJSON_PrintUnformatted(o);
+        fprintf(stderr, "%s\n", t);
+        cJSON_free(t);
+        cJSON_Delete(o);
+    } else {
+        if (log->tty) fprintf(stderr, "\r\033[K");
+        fprintf(stderr, "distill: interrupted by %s: %s\ndistill: resume with: %s\n", name, kd_error_message(), cmd);
+    }
+    return 128 + sig;
 }

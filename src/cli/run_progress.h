@@ -40,6 +40,11 @@ kd_status progress_done(run_progress *p, const stage *s, const char *const *weig
 /* Cuts metrics back to the end of the last finished stage and puts the
  * write position there (before a stage that starts from scratch). */
 kd_status progress_cut(run_progress *p, FILE *metrics);
+/* After KD_EINTR (the trainer's message holds the state's path): prints
+ * what stopped and the command that resumes (argv of `distill run`, with
+ * --resume), plain or as an "interrupted" JSON event; returns the exit code
+ * 128 + sig (130 SIGINT, 143 SIGTERM). */
+int run_interrupted(const kd_log *log, int sig, int argc, char **argv);
 /* PATH.tmp.PID, fsync, rename: a reader sees the old file or the new one. */
 kd_status run_write_atomic(const char *path, const char *text);
 
