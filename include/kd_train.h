@@ -177,6 +177,7 @@ void kd_distiller_free(kd_distiller *d);
  * moments and step count, op state kept between steps, and the counters
  * below. Written atomically; the trainers above write and read it. */
 #define KD_STATE_FORMAT "distill-state/1"
+#define KD_STATE_RNGS 4 /* generators a state can carry */
 typedef struct kd_train_state {
     char stage[64];         /* "teacher", "student", ...: checked on load */
     int64_t step;           /* optimiser updates done */
@@ -184,7 +185,7 @@ typedef struct kd_train_state {
     int batch;              /* batches done of the epoch after `epoch` */
     int epochs, steps_per_epoch;
     uint64_t seed;
-    uint64_t rng;           /* a running generator's state (0 where every draw derives from seed, epoch and step) */
+    uint64_t rng[KD_STATE_RNGS]; /* running generators' states (0 where every draw derives from seed, epoch, step) */
     int64_t metrics_offset; /* bytes of metrics.jsonl at this point */
     double eloss;           /* sum of loss x batch over the epoch so far */
     int64_t eseen;          /* examples of the epoch so far */

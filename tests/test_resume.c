@@ -326,7 +326,7 @@ static void test_state_file(void) {
     }
     oa->t = 41;
     kd_train_state s = {.step = 41, .epoch = 2, .batch = 3, .epochs = 5, .steps_per_epoch = 7, .seed = 1ull << 63,
-                        .rng = 0x0123456789abcdefull, .metrics_offset = 12345, .eloss = 1.0 / 3.0, .eseen = 24,
+                        .rng = {0x0123456789abcdefull, 0, 1ull << 63, 7}, .metrics_offset = 12345, .eloss = 1.0 / 3.0, .eseen = 24,
                         .win = 0.1 + 0.2, .wsteps = 3, .samples = 987, .seconds = 2.5, .final_loss = 0.7,
                         .test = {.acc = 2.0 / 3.0, .loss = 1e-7, .n = 24}, .threads = 2};
     snprintf(s.stage, sizeof s.stage, "teacher");
@@ -338,7 +338,7 @@ static void test_state_file(void) {
         CHECK(memcmp(oa->m, ob->m, n * sizeof(float)) == 0 && memcmp(oa->v, ob->v, n * sizeof(float)) == 0);
         CHECK(ob->t == 41);
         CHECK(r.step == s.step && r.epoch == s.epoch && r.batch == s.batch && r.epochs == s.epochs &&
-              r.steps_per_epoch == s.steps_per_epoch && r.seed == s.seed && r.rng == s.rng &&
+              r.steps_per_epoch == s.steps_per_epoch && r.seed == s.seed && !memcmp(r.rng, s.rng, sizeof r.rng) &&
               r.metrics_offset == s.metrics_offset && r.eseen == s.eseen && r.wsteps == s.wsteps &&
               r.samples == s.samples && r.test.n == s.test.n && r.threads == s.threads && !strcmp(r.stage, "teacher"));
         /* doubles bit for bit */

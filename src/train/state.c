@@ -202,8 +202,10 @@ kd_status kd_state_save(const char *path, const kd_graph *g, const kd_optim *opt
     char b[32];
     snprintf(b, sizeof b, "%" PRIu64, s->seed);
     kd_st_set_meta(w, "seed", b);
-    snprintf(b, sizeof b, "%" PRIu64, s->rng);
-    kd_st_set_meta(w, "rng", b);
+    char rb[KD_STATE_RNGS * 24];
+    size_t k = 0;
+    for (int i = 0; i < KD_STATE_RNGS; i++) k += (size_t)snprintf(rb + k, sizeof rb - k, i ? ",%" PRIu64 : "%" PRIu64, s->rng[i]);
+    kd_st_set_meta(w, "rng", rb);
     meta_i64(w, "metrics_offset", s->metrics_offset);
     meta_f64(w, "eloss", s->eloss);
     meta_i64(w, "eseen", s->eseen);
@@ -261,6 +263,25 @@ static kd_status get_u64(const kd_safetensors *st, const char *key, uint64_t *ou
     return KD_OK;
 }
 
+/* "a,b,c,d": KD_STATE_RNGS unsigned integers */
+static kd_status get_rngs(const kd_safetensors *st, uint64_t *out) {
+    const char *v;
+    kd_status s = need_meta(st, "rng", &v);
+    if (s != KD_OK) return s;
+    const char *p = v;
+    for (int i = 0; i < KD_STATE_RNGS; i++) {
+        char *end;
+        if (*p < '0' || *p > '9') break;
+        out[i] = strtoull(p, &end, 10);
+        p = end;
+        if (i == KD_STATE_RNGS - 1 && *p == '\0') return KD_OK;
+        if (*p != ',') break;
+        p++;
+    }
+    return kd_errorf(KD_EFORMAT, "%s: training state metadata 'rng' = '%.100s' is not %d comma-separated unsigned integers",
+                     st->path, v, KD_STATE_RNGS);
+}
+
 static kd_status get_f64(const kd_safetensors *st, const char *key, double *out) {
     const char *v;
     kd_status s = need_meta(st, key, &v);
@@ -297,7 +318,7 @@ static kd_status read_meta(const kd_safetensors *st, kd_train_state *s) {
     I64("threads", 0, INT32_MAX, threads);
 #undef I64
     if ((r = get_u64(st, "seed", &s->seed)) != KD_OK) return r;
-    if ((r = get_u64(st, "rng", &s->rng)) != KD_OK) return r;
+    if ((r = get_rngs(st, s->rng)) != KD_OK) return r;
     if ((r = get_f64(st, "eloss", &s->eloss)) != KD_OK) return r;
     if ((r = get_f64(st, "win", &s->win)) != KD_OK) return r;
     if ((r = get_f64(st, "seconds", &s->seconds)) != KD_OK) return r;
