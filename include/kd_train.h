@@ -222,6 +222,9 @@ void kd_state_config_hash(const char *config, char out[17]);
 int kd_state_config_diff(const char *was, const char *now, char *out, size_t n);
 
 double kd_now(void); /* monotonic seconds */
+/* The progress line on a terminal (log->tty, not quiet, not json): a bar
+ * over the whole stage (epoch of epochs, step of steps), the loss,
+ * samples/s and the ETA, redrawn in place. Nothing otherwise. */
 void kd_progress(kd_log *log, const char *role, int epoch, int epochs, int step, int steps, double loss,
                  double samples_per_s, double eta_s);
 

@@ -36,8 +36,8 @@
 #include "kd_train.h"
 #include "test.h"
 
-static char T[256];      /* TMP/resume */
-static char ini[512];    /* the tiny run's config */
+static char T[256];   /* TMP/resume */
+static char ini[512]; /* the tiny run's config */
 static int n_spawned;
 
 /* ---------------------------------------------------------------- files */
@@ -325,10 +325,23 @@ static void test_state_file(void) {
         oa->v[i] = 1e-6f * (float)(i % 17);
     }
     oa->t = 41;
-    kd_train_state s = {.step = 41, .epoch = 2, .batch = 3, .epochs = 5, .steps_per_epoch = 7, .seed = 1ull << 63,
-                        .rng = {0x0123456789abcdefull, 0, 1ull << 63, 7}, .metrics_offset = 12345, .eloss = 1.0 / 3.0, .eseen = 24,
-                        .win = 0.1 + 0.2, .wsteps = 3, .samples = 987, .seconds = 2.5, .final_loss = 0.7,
-                        .test = {.acc = 2.0 / 3.0, .loss = 1e-7, .n = 24}, .threads = 2};
+    kd_train_state s = {.step = 41,
+                        .epoch = 2,
+                        .batch = 3,
+                        .epochs = 5,
+                        .steps_per_epoch = 7,
+                        .seed = 1ull << 63,
+                        .rng = {0x0123456789abcdefull, 0, 1ull << 63, 7},
+                        .metrics_offset = 12345,
+                        .eloss = 1.0 / 3.0,
+                        .eseen = 24,
+                        .win = 0.1 + 0.2,
+                        .wsteps = 3,
+                        .samples = 987,
+                        .seconds = 2.5,
+                        .final_loss = 0.7,
+                        .test = {.acc = 2.0 / 3.0, .loss = 1e-7, .n = 24},
+                        .threads = 2};
     snprintf(s.stage, sizeof s.stage, "teacher");
     TEST("state: save and load restore every value and counter exactly") {
         CHECK(kd_state_save(path, a.g, oa, &s, cfg) == KD_OK);
@@ -745,7 +758,8 @@ static void test_logs(void) {
             } else if (!strcmp(ev->valuestring, "epoch")) {
                 epochs++;
                 int ok = cJSON_IsString(cJSON_GetObjectItemCaseSensitive(j, "role"));
-                const char *keys[] = {"epoch", "epochs", "step", "train_loss", "test_loss", "test_acc", "samples_per_s"};
+                const char *keys[] = {"epoch",     "epochs",   "step",         "train_loss",
+                                      "test_loss", "test_acc", "samples_per_s"};
                 for (int k = 0; k < 7; k++) ok &= cJSON_IsNumber(cJSON_GetObjectItemCaseSensitive(j, keys[k]));
                 if (!ok) bad++;
             } else if (!strcmp(ev->valuestring, "step")) {
@@ -767,12 +781,15 @@ static void test_logs(void) {
         }
         res_free(&r);
         CHECK(bad == 0);
-        CHECK_MSG(epochs == 9 && steps == 171 && infos >= 3 && checkpoints > 9, "%d lines: %d epoch, %d step, %d info, %d "
-                  "checkpoint", lines, epochs, steps, infos, checkpoints);
+        CHECK_MSG(epochs == 9 && steps == 171 && infos >= 3 && checkpoints > 9,
+                  "%d lines: %d epoch, %d step, %d info, %d "
+                  "checkpoint",
+                  lines, epochs, steps, infos, checkpoints);
         CHECK(same_bytes(a_metrics, run_file(p, "json", "metrics.jsonl"))); /* logging changes no result */
         r = run("json_err", "--log-json", "--train.lr=fast", NULL);
         cJSON *j = cJSON_Parse(r.err);
-        const cJSON *ev = cJSON_GetObjectItemCaseSensitive(j, "event"), *msg = cJSON_GetObjectItemCaseSensitive(j, "message");
+        const cJSON *ev = cJSON_GetObjectItemCaseSensitive(j, "event"),
+                    *msg = cJSON_GetObjectItemCaseSensitive(j, "message");
         CHECK_MSG(r.code == 1 && cJSON_IsString(ev) && !strcmp(ev->valuestring, "error") && cJSON_IsString(msg) &&
                       strstr(msg->valuestring, "[train] lr"),
                   "%s", r.err);

@@ -76,7 +76,8 @@ static kd_status clean(const char *dir, int states) {
         if (!tmp && !(states && ends_with(e->d_name, ".state.safetensors"))) continue;
         char path[4400];
         snprintf(path, sizeof path, "%.4000s/%s", dir, e->d_name);
-        if (remove(path) != 0 && errno != ENOENT) st = kd_errorf(KD_EIO, "%s: cannot remove: %s", path, strerror(errno));
+        if (remove(path) != 0 && errno != ENOENT)
+            st = kd_errorf(KD_EIO, "%s: cannot remove: %s", path, strerror(errno));
     }
     closedir(d);
     return st;
@@ -189,8 +190,9 @@ kd_status progress_skip(run_progress *p, const char *role, stage *out, int *skip
         out->tr.samples_per_s = num(s, "samples_per_s", &bad);
         double end = num(s, "metrics_end", &bad);
         if (bad || end < 0)
-            return kd_errorf(KD_EFORMAT, "%s/progress.json: the record of stage '%s' is incomplete; run without --resume "
-                                         "to start over",
+            return kd_errorf(KD_EFORMAT,
+                             "%s/progress.json: the record of stage '%s' is incomplete; run without --resume "
+                             "to start over",
                              p->dir, role);
         if (*weights->valuestring) {
             char path[4400];
@@ -259,8 +261,8 @@ int run_interrupted(const kd_log *log, int sig, int argc, char **argv) {
     size_t k = (size_t)snprintf(cmd, sizeof cmd, "distill run");
     for (int i = 0; i < argc && k < sizeof cmd; i++) {
         if (strcmp(argv[i], "--resume") == 0) continue;
-        int plain = argv[i][strspn(argv[i], "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.,/=:+@")] ==
-                    '\0';
+        int plain =
+            argv[i][strspn(argv[i], "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.,/=:+@")] == '\0';
         k += (size_t)snprintf(cmd + k, sizeof cmd - k, plain ? " %s" : " '%s'", argv[i]);
     }
     if (k < sizeof cmd) snprintf(cmd + k, sizeof cmd - k, " --resume");

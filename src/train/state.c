@@ -204,7 +204,8 @@ kd_status kd_state_save(const char *path, const kd_graph *g, const kd_optim *opt
     kd_st_set_meta(w, "seed", b);
     char rb[KD_STATE_RNGS * 24];
     size_t k = 0;
-    for (int i = 0; i < KD_STATE_RNGS; i++) k += (size_t)snprintf(rb + k, sizeof rb - k, i ? ",%" PRIu64 : "%" PRIu64, s->rng[i]);
+    for (int i = 0; i < KD_STATE_RNGS; i++)
+        k += (size_t)snprintf(rb + k, sizeof rb - k, i ? ",%" PRIu64 : "%" PRIu64, s->rng[i]);
     kd_st_set_meta(w, "rng", rb);
     meta_i64(w, "metrics_offset", s->metrics_offset);
     meta_f64(w, "eloss", s->eloss);
@@ -278,7 +279,8 @@ static kd_status get_rngs(const kd_safetensors *st, uint64_t *out) {
         if (*p != ',') break;
         p++;
     }
-    return kd_errorf(KD_EFORMAT, "%s: training state metadata 'rng' = '%.100s' is not %d comma-separated unsigned integers",
+    return kd_errorf(KD_EFORMAT,
+                     "%s: training state metadata 'rng' = '%.100s' is not %d comma-separated unsigned integers",
                      st->path, v, KD_STATE_RNGS);
 }
 
@@ -289,7 +291,8 @@ static kd_status get_f64(const kd_safetensors *st, const char *key, double *out)
     char *end;
     double x = strtod(v, &end);
     if (end == v || *end || !isfinite(x))
-        return kd_errorf(KD_EFORMAT, "%s: training state metadata '%s' = '%.40s' is not a finite number", st->path, key, v);
+        return kd_errorf(KD_EFORMAT, "%s: training state metadata '%s' = '%.40s' is not a finite number", st->path, key,
+                         v);
     *out = x;
     return KD_OK;
 }
@@ -300,10 +303,10 @@ static kd_status read_meta(const kd_safetensors *st, kd_train_state *s) {
     kd_status r = need_meta(st, "stage", &v);
     if (r != KD_OK) return r;
     snprintf(s->stage, sizeof s->stage, "%s", v);
-#define I64(key, lo, hi, field)                                  \
-    do {                                                         \
-        if ((r = get_i64(st, key, lo, hi, &x)) != KD_OK) return r; \
-        s->field = x;                                            \
+#define I64(key, lo, hi, field)                                                                                        \
+    do {                                                                                                               \
+        if ((r = get_i64(st, key, lo, hi, &x)) != KD_OK) return r;                                                     \
+        s->field = x;                                                                                                  \
     } while (0)
     I64("step", 0, INT64_MAX, step);
     I64("epoch", 0, INT32_MAX, epoch);
@@ -341,7 +344,8 @@ static int shape_is(const kd_st_tensor *t, int ndim, const int *shape) {
 }
 
 /* The tensor `name` as F32 of the given shape, or an error naming it. */
-static kd_status want_f32(const kd_safetensors *st, const char *name, int ndim, const int *shape, const kd_st_tensor **t) {
+static kd_status want_f32(const kd_safetensors *st, const char *name, int ndim, const int *shape,
+                          const kd_st_tensor **t) {
     *t = kd_st_find(st, name);
     char a[96], b[96];
     if (!*t) return kd_errorf(KD_EFORMAT, "%s: training state lacks tensor '%s'", st->path, name);
@@ -374,7 +378,8 @@ kd_status kd_state_load(const char *path, kd_graph *g, kd_optim *opt, kd_train_s
         r = kd_errorf(KD_EFORMAT, "%s: not a training state (metadata 'format' is %s%s%s, expected '%s')", path,
                       fmt ? "'" : "", fmt ? fmt : "missing", fmt ? "'" : "", KD_STATE_FORMAT);
     else if (strcmp(fmt, KD_STATE_FORMAT) != 0)
-        r = kd_errorf(KD_EFORMAT, "%s: training state format '%s'; this distill reads '%s'", path, fmt, KD_STATE_FORMAT);
+        r = kd_errorf(KD_EFORMAT, "%s: training state format '%s'; this distill reads '%s'", path, fmt,
+                      KD_STATE_FORMAT);
     if (r == KD_OK) r = read_meta(&st, &tmp);
     if (r == KD_OK && stage && strcmp(tmp.stage, stage) != 0)
         r = kd_errorf(KD_EFORMAT, "%s: training state of stage '%s', expected '%s'", path, tmp.stage, stage);
@@ -387,10 +392,11 @@ kd_status kd_state_load(const char *path, kd_graph *g, kd_optim *opt, kd_train_s
         if (r == KD_OK && strcmp(hash, now) != 0) {
             char diff[1000];
             int nd = kd_state_config_diff(was, config, diff, sizeof diff);
-            r = kd_errorf(KD_ECONFIG,
-                          "%s: written under another configuration (%s); resume with the original config and overrides, "
-                          "or run without --resume to start over",
-                          path, nd ? diff : "the stored config does not match its hash");
+            r = kd_errorf(
+                KD_ECONFIG,
+                "%s: written under another configuration (%s); resume with the original config and overrides, "
+                "or run without --resume to start over",
+                path, nd ? diff : "the stored config does not match its hash");
         }
     }
     if (r == KD_OK && (r = need_meta(&st, "optimizer", &v)) == KD_OK &&
@@ -429,10 +435,12 @@ kd_status kd_state_load(const char *path, kd_graph *g, kd_optim *opt, kd_train_s
         for (int j = 0; j < st.n && r == KD_OK; j++) {
             const char *tn = st.tensors[j].name;
             kd_node *n = NULL;
-            if (!strncmp(tn, "model.", 6)) n = kd_graph_find(g, tn + 6);
-            else if (!strncmp(tn, "opstate.", 8)) n = kd_graph_find(g, tn + 8);
-            int known = !strcmp(tn, "optim.m") || (!strcmp(tn, "optim.v") && opt->v) ||
-                        (n && src[n->id] == &st.tensors[j]);
+            if (!strncmp(tn, "model.", 6))
+                n = kd_graph_find(g, tn + 6);
+            else if (!strncmp(tn, "opstate.", 8))
+                n = kd_graph_find(g, tn + 8);
+            int known =
+                !strcmp(tn, "optim.m") || (!strcmp(tn, "optim.v") && opt->v) || (n && src[n->id] == &st.tensors[j]);
             if (!known)
                 r = kd_errorf(KD_EFORMAT, "%s: unexpected tensor '%s' (a state of another model or optimizer?)", path,
                               tn);

@@ -29,8 +29,8 @@ double kd_now(void) {
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
-kd_status kd_classifier_new(kd_classifier *c, const char *spec, const char *prefix, const kd_dataset *ds,
-                            int max_batch, float smoothing, uint64_t seed) {
+kd_status kd_classifier_new(kd_classifier *c, const char *spec, const char *prefix, const kd_dataset *ds, int max_batch,
+                            float smoothing, uint64_t seed) {
     memset(c, 0, sizeof *c);
     c->g = kd_graph_new();
     int xs[4] = {max_batch, ds->c, ds->h, ds->w}, ys[1] = {max_batch};
@@ -149,8 +149,8 @@ void kd_log_error(const kd_log *log, const char *msg) {
 }
 
 /* The progress line of a terminal: a bar over the whole stage and its ETA. */
-void kd_progress(kd_log *log, const char *role, int epoch, int epochs, int step, int steps, double loss,
-                 double sps, double eta) {
+void kd_progress(kd_log *log, const char *role, int epoch, int epochs, int step, int steps, double loss, double sps,
+                 double eta) {
     if (log->quiet || !log->tty || log->json) return;
     enum { W = 20 };
     double total = (double)epochs * steps, done = (double)(epoch - 1) * steps + step;
@@ -188,8 +188,8 @@ static void log_epoch(const kd_log *log, const char *role, int epoch, int epochs
     }
     if (log->tty) fprintf(stderr, "\r\033[K");
     if (ev)
-        fprintf(stderr, "%s epoch %d/%d: train loss %.4f, test loss %.4f, test acc %.2f%% (%.0f samples/s)\n", role, epoch,
-                epochs, train_loss, ev->loss, 100.0 * ev->acc, sps);
+        fprintf(stderr, "%s epoch %d/%d: train loss %.4f, test loss %.4f, test acc %.2f%% (%.0f samples/s)\n", role,
+                epoch, epochs, train_loss, ev->loss, 100.0 * ev->acc, sps);
     else
         fprintf(stderr, "%s epoch %d/%d: train loss %.4f (%.0f samples/s)\n", role, epoch, epochs, train_loss, sps);
 }
@@ -225,8 +225,9 @@ static kd_status save_state(kd_classifier *c, const kd_optim *opt, const kd_trai
     if (bad) {
         char lg[1700];
         last_good(lg, sizeof lg, o, *saved_step);
-        return kd_errorf(KD_ENUMERIC, "%s: parameters went non-finite at epoch %d step %lld; first non-finite tensor: "
-                                      "'%s' (try a lower [train] lr or set [train] clip)%s",
+        return kd_errorf(KD_ENUMERIC,
+                         "%s: parameters went non-finite at epoch %d step %lld; first non-finite tensor: "
+                         "'%s' (try a lower [train] lr or set [train] clip)%s",
                          o->role, ts->epoch + (ts->batch > 0), (long long)ts->step, bad, lg);
     }
     if (log->metrics) {
@@ -273,12 +274,14 @@ static kd_status resume_state(kd_classifier *c, kd_optim *opt, const kd_train_op
         if (fstat(fd, &sb) != 0 || sb.st_size < ts->metrics_offset)
             return kd_errorf(KD_EFORMAT, "metrics.jsonl is shorter than the %lld bytes it had when %s was written",
                              (long long)ts->metrics_offset, o->state_path);
-        if (ftruncate(fd, (off_t)ts->metrics_offset) != 0 || fseek(log->metrics, (long)ts->metrics_offset, SEEK_SET) != 0)
+        if (ftruncate(fd, (off_t)ts->metrics_offset) != 0 ||
+            fseek(log->metrics, (long)ts->metrics_offset, SEEK_SET) != 0)
             return kd_errorf(KD_EIO, "metrics.jsonl: cannot cut back to %lld bytes", (long long)ts->metrics_offset);
     }
     if (o->threads > 0 && ts->threads > 0 && ts->threads != o->threads)
-        kd_log_info(log, "warning: %s was written with %d threads, this run has %d: the rest of the run will not be "
-                         "bit-identical to an uninterrupted one",
+        kd_log_info(log,
+                    "warning: %s was written with %d threads, this run has %d: the rest of the run will not be "
+                    "bit-identical to an uninterrupted one",
                     o->state_path, ts->threads, o->threads);
     kd_log_info(log, "%s: resuming from %s: %d of %d epochs and %d of %d batches done (step %lld)", o->role,
                 o->state_path, ts->epoch, o->epochs, ts->batch, spe, (long long)ts->step);
@@ -295,10 +298,11 @@ static kd_status stopped(const kd_train_opts *o, int epoch, int64_t step, int64_
 
 /* ---------------------------------------------------------------- trainer */
 
-kd_status kd_train_classifier(kd_classifier *c, const kd_dataset *train, const kd_dataset *test,
-                              const kd_train_opts *o, kd_log *log, kd_train_result *res) {
+kd_status kd_train_classifier(kd_classifier *c, const kd_dataset *train, const kd_dataset *test, const kd_train_opts *o,
+                              kd_log *log, kd_train_result *res) {
     memset(res, 0, sizeof *res);
-    KD_ASSERT(o->batch <= kd_graph_max_batch(c->g), "batch %d above the graph's %d", o->batch, kd_graph_max_batch(c->g));
+    KD_ASSERT(o->batch <= kd_graph_max_batch(c->g), "batch %d above the graph's %d", o->batch,
+              kd_graph_max_batch(c->g));
     KD_ASSERT(!o->resume || o->state_path, "resume needs a state path");
     kd_loader_opts lo = {.batch = o->batch,
                          .seed = o->seed,
