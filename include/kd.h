@@ -47,6 +47,7 @@ typedef enum kd_status {
     KD_ESHAPE,   /* tensor shapes do not fit together */
     KD_ENUMERIC, /* a NaN or Inf appeared */
     KD_EUSAGE,   /* bad command-line usage */
+    KD_EINTR,    /* stopped by a signal after saving the training state (docs/resume.md) */
 } kd_status;
 
 /* Records a message (printf-style) and returns st. The message is kept in a

@@ -35,6 +35,8 @@ kd_status kd_config_error(const kd_config *c, const char *section, const char *k
     __attribute__((format(printf, 4, 5)));
 /* Writes the resolved config (every key, with its value) as INI. */
 kd_status kd_config_write(const kd_config *c, const char *path);
+/* The text kd_config_write writes; the caller frees it. */
+char *kd_config_text(const kd_config *c);
 /* Prints the schema as help text. */
 void kd_config_print_schema(FILE *f);
 

@@ -2,6 +2,8 @@
  * metrics and progress output. */
 #ifndef KD_TRAIN_H
 #define KD_TRAIN_H
+#include <signal.h>
+
 #include "kd.h"
 #include "kd_data.h"
 #include "kd_losses.h"
@@ -49,8 +51,16 @@ kd_status kd_checkpoint_info_peek(const char *path, kd_checkpoint_info *info, in
 typedef struct kd_log {
     FILE *metrics; /* metrics.jsonl or NULL */
     int quiet;
-    int tty; /* progress line on stderr */
+    int tty;  /* progress line on stderr */
+    int json; /* log lines on stderr as JSON objects, one per line (--log-json) */
 } kd_log;
+
+/* A log line on stderr: "distill: MESSAGE", or with log->json
+ * {"event":"info","message":MESSAGE}. Nothing when log->quiet. */
+void kd_log_info(const kd_log *log, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* An error line, printed even when quiet: "distill: error: MESSAGE" or
+ * {"event":"error","message":MESSAGE}. */
+void kd_log_error(const kd_log *log, const char *msg);
 
 typedef struct kd_eval_result {
     double acc, loss;
@@ -89,6 +99,15 @@ typedef struct kd_train_opts {
      * flip, index} per example (fills a cached teacher's logits) */
     kd_status (*batch_hook)(void *ctx, int epoch, const int *aug, int B);
     void *hook_ctx;
+    /* checkpoints and resume (docs/resume.md); all optional */
+    const char *state_path; /* training state written here (NULL: never) */
+    int checkpoint_every;   /* steps between states; 0: at the end of each epoch only (always then too) */
+    int resume;             /* continue from state_path (and truncate log->metrics to its offset) */
+    const char *config;     /* resolved config text, stored in the state and checked on resume */
+    int threads;            /* recorded in the state: results are bit-identical per thread count */
+    /* set asynchronously (a signal handler): the trainer finishes the step,
+     * writes the state and returns KD_EINTR */
+    const volatile sig_atomic_t *stop;
 } kd_train_opts;
 
 typedef struct kd_train_result {
@@ -100,7 +119,13 @@ typedef struct kd_train_result {
 
 /* Trains with plain cross-entropy, evaluating on `test` after each epoch.
  * A non-finite loss stops training with KD_ENUMERIC naming the step and the
- * first node that went non-finite. */
+ * first node that went non-finite, as do non-finite parameters or moments
+ * when a state is due (the state is then not written: the last good one
+ * stays, and the message names it). With o->state_path, a training state is
+ * written every o->checkpoint_every steps and at each epoch end; o->resume
+ * continues from it exactly (same metrics lines, same weights). When *o->stop
+ * becomes non-zero the trainer finishes the step, writes the state and
+ * returns KD_EINTR. */
 kd_status kd_train_classifier(kd_classifier *c, const kd_dataset *train, const kd_dataset *test,
                               const kd_train_opts *o, kd_log *log, kd_train_result *res);
 
@@ -145,7 +170,61 @@ void kd_distiller_free(kd_distiller *d);
 
 
 
+/* ---- training state (src/train/state.c; docs/formats.md "Training state")
+ *
+ * One safetensors file holding what a trainer needs to continue exactly:
+ * every non-frozen parameter and buffer of the graph, the optimiser's
+ * moments and step count, op state kept between steps, and the counters
+ * below. Written atomically; the trainers above write and read it. */
+#define KD_STATE_FORMAT "distill-state/1"
+#define KD_STATE_RNGS 4 /* generators a state can carry */
+typedef struct kd_train_state {
+    char stage[64];         /* "teacher", "student", ...: checked on load */
+    int64_t step;           /* optimiser updates done */
+    int epoch;              /* epochs finished */
+    int batch;              /* batches done of the epoch after `epoch` */
+    int epochs, steps_per_epoch;
+    uint64_t seed;
+    uint64_t rng[KD_STATE_RNGS]; /* running generators' states (0 where every draw derives from seed, epoch, step) */
+    int64_t metrics_offset; /* bytes of metrics.jsonl at this point */
+    double eloss;           /* sum of loss x batch over the epoch so far */
+    int64_t eseen;          /* examples of the epoch so far */
+    double win;             /* sum of step losses since the last metrics line */
+    int wsteps;
+    int64_t samples;        /* examples seen by this stage */
+    double seconds;         /* training time so far */
+    double final_loss;      /* mean training loss of the last finished epoch */
+    kd_eval_result test;    /* the last evaluation */
+    int threads;
+} kd_train_state;
+
+/* Writes path atomically from g (its non-frozen parameters and buffers),
+ * opt and s, with config (resolved INI text, may be NULL) and its hash.
+ * KD_ENUMERIC and nothing written when a value is NaN or Inf. */
+kd_status kd_state_save(const char *path, const kd_graph *g, const kd_optim *opt, const kd_train_state *s,
+                        const char *config);
+/* Reads path into g, opt and *s; g and opt must be built as when it was
+ * saved. Checks the format version, the stage (unless NULL), the config
+ * (unless NULL: a different one is KD_ECONFIG naming the differing keys),
+ * the optimiser and every tensor's name, dtype and shape before anything
+ * is changed; errors name the file and the tensor or key. */
+kd_status kd_state_load(const char *path, kd_graph *g, kd_optim *opt, kd_train_state *s, const char *stage,
+                        const char *config);
+/* The name of the first tensor a state would hold that has a NaN or Inf
+ * ("optim.m", "optim.v" for moments), or NULL. */
+const char *kd_state_nonfinite(const kd_graph *g, const kd_optim *opt);
+/* FNV-1a 64 hash (16 hex digits) of a resolved config's keys and values,
+ * leaving out those that may change on resume ([run] threads, [train]
+ * checkpoint_every) and comments. */
+void kd_state_config_hash(const char *config, char out[17]);
+/* Lists the keys whose values differ between two resolved configs
+ * ("[train] lr was '0.1', now '0.2'; ...") into out; returns their count. */
+int kd_state_config_diff(const char *was, const char *now, char *out, size_t n);
+
 double kd_now(void); /* monotonic seconds */
+/* The progress line on a terminal (log->tty, not quiet, not json): a bar
+ * over the whole stage (epoch of epochs, step of steps), the loss,
+ * samples/s and the ETA, redrawn in place. Nothing otherwise. */
 void kd_progress(kd_log *log, const char *role, int epoch, int epochs, int step, int steps, double loss,
                  double samples_per_s, double eta_s);
 

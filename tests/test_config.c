@@ -416,6 +416,7 @@ static const struct {
     {"train", "smoothing", "0.1"},
     {"train", "log_every", "9"},
     {"train", "eval_every", "5"},
+    {"train", "checkpoint_every", "25"},
     {"lm", "steps", "321"},
     {"lm", "teacher_steps", "654"},
     {"lm", "seq", "64"},

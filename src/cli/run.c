@@ -1,19 +1,25 @@
 /* run.c - `distill run CONFIG`: resolve the config, load data, train (or
  * load) the teacher, evaluate, and write the run directory:
  *   config.ini (resolved), metrics.jsonl, teacher.safetensors, summary.json,
- *   report.html (also after a failed run: the curves up to the failure).
- * Later stages (students, distillation) plug in after the teacher.
+ *   report.html (also after a failed run: the curves up to the failure),
+ *   progress.json and STAGE.state.safetensors (what --resume continues).
+ * Later stages (students, distillation) plug in after the teacher. SIGINT
+ * and SIGTERM stop a run cleanly: the trainer finishes its step and writes
+ * its state, and the run exits 130 or 143 saying how to resume
+ * (docs/resume.md).
  */
 #include <cjson/cJSON.h>
 #include <errno.h>
 #include <math.h>
 #include <libgen.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include "cli/cli.h"
+#include "cli/run_progress.h"
 #include "kd_cache.h"
 #include "kd_config.h"
 #include "kd_report.h"
@@ -22,6 +28,8 @@
 static cli_opt run_opts[] = {
     {"--threads", "N", "threads (overrides [run] threads; 0 = all cores)", NULL},
     {"--quiet", NULL, "no progress or log lines, only the final table", NULL},
+    {"--resume", NULL, "continue an interrupted run where its training states left it", NULL},
+    {"--log-json", NULL, "log lines on stderr as JSON objects, one per line", NULL},
 };
 
 static cli_cmd run_cmd = {
@@ -29,12 +37,37 @@ static cli_cmd run_cmd = {
     .synopsis = "CONFIG [--section.key=value ...] [options]",
     .about = "Runs what CONFIG describes: trains the teacher (or loads [teacher] checkpoint),\n"
              "evaluates it every epoch, and writes runs/NAME/ with config.ini, metrics.jsonl,\n"
-             "teacher.safetensors and summary.json. Any config key can be overridden.",
+             "teacher.safetensors and summary.json. Any config key can be overridden.\n"
+             "Training states are written every [train] checkpoint_every steps and at each epoch\n"
+             "end; Ctrl-C (SIGINT) or SIGTERM saves one and exits (130, 143), and --resume with the\n"
+             "same config continues from it, giving the same metrics as an uninterrupted run.",
     .examples = "  distill run examples/fashion_teacher.ini\n"
-                "  distill run examples/fashion_teacher.ini --train.epochs=3 --data.limit=5000\n",
+                "  distill run examples/fashion_teacher.ini --train.epochs=3 --data.limit=5000\n"
+                "  distill run examples/fashion_teacher.ini --train.epochs=3 --resume\n",
     .opts = run_opts,
-    .n_opts = 2,
+    .n_opts = (int)(sizeof run_opts / sizeof run_opts[0]),
 };
+
+/* The first SIGINT or SIGTERM (0 before): the trainer finishes its step,
+ * writes its state and returns KD_EINTR. SA_RESETHAND: a second one of the
+ * same kind ends the process at once (the atomic writes keep every file
+ * whole). */
+static volatile sig_atomic_t g_stop;
+static int g_json; /* --log-json, for errors before the log exists */
+
+static void on_signal(int sig) {
+    if (!g_stop) g_stop = sig;
+}
+
+static void catch_signals(void) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_signal;
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = SA_RESTART | SA_RESETHAND;
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
+}
 
 static kd_status mkdirs(const char *path) {
     char buf[4096];
@@ -46,22 +79,6 @@ static kd_status mkdirs(const char *path) {
         *p = '/';
     }
     if (mkdir(buf, 0755) != 0 && errno != EEXIST) return kd_errorf(KD_EIO, "%s: cannot create: %s", buf, strerror(errno));
-    return KD_OK;
-}
-
-static kd_status write_atomic(const char *path, const char *text) {
-    char tmp[4400];
-    snprintf(tmp, sizeof tmp, "%.4200s.tmp.%d", path, (int)getpid());
-    FILE *f = fopen(tmp, "w");
-    if (!f) return kd_errorf(KD_EIO, "%s: cannot write: %s", tmp, strerror(errno));
-    int bad = fputs(text, f) < 0;
-    bad |= fflush(f) != 0;
-    bad |= fsync(fileno(f)) != 0;
-    bad |= fclose(f) != 0;
-    if (bad || rename(tmp, path) != 0) {
-        remove(tmp);
-        return kd_errorf(KD_EIO, "%s: write failed: %s", path, strerror(errno));
-    }
     return KD_OK;
 }
 
@@ -154,18 +171,53 @@ static int file_exists(const char *p) {
 }
 
 static int fail(kd_status st) {
-    fprintf(stderr, "distill: error: %s\n", kd_error_message());
+    kd_log l = {.json = g_json};
+    kd_log_error(&l, kd_error_message());
     return st == KD_EUSAGE ? 2 : 1;
 }
 
-/* One row of the results table / one object of summary.json. */
-typedef struct stage {
-    char role[32];
-    char spec[256];
-    int64_t params;
-    kd_train_result tr;
-    int loaded, ran;
-} stage;
+/* What the stages share: the run directory, the log, the progress record
+ * and the state path of the stage about to train. */
+typedef struct run_ctx {
+    const char *dir;
+    kd_log *log;
+    run_progress prog;
+    int resuming;               /* --resume found a run to continue */
+    char state_path[4200];      /* of the stage being run */
+    int state_resume;           /* continue it from its state */
+} run_ctx;
+
+/* Before a stage: *skip when --resume finds it finished (out filled from
+ * progress.json); else, unless the stage continues from its training state
+ * (state_name: the stage's file name, NULL for one that does not train),
+ * metrics.jsonl is cut back to the end of the last finished stage. */
+static kd_status stage_begin(run_ctx *rc, const char *role, const char *state_name, stage *out, int *skip) {
+    *skip = 0;
+    if (g_stop)
+        return kd_errorf(KD_EINTR, "stopped before stage '%s'; the finished stages are recorded in %s/progress.json",
+                         role, rc->dir);
+    kd_status st = progress_skip(&rc->prog, role, out, skip);
+    if (st != KD_OK || *skip) {
+        if (*skip) kd_log_info(rc->log, "%s: finished before, skipped (--resume)", role);
+        return st;
+    }
+    snprintf(out->role, sizeof out->role, "%s", role);
+    rc->state_path[0] = '\0';
+    rc->state_resume = 0;
+    if (state_name) {
+        snprintf(rc->state_path, sizeof rc->state_path, "%s/%s.state.safetensors", rc->dir, state_name);
+        rc->state_resume = rc->resuming && file_exists(rc->state_path);
+    }
+    return rc->state_resume ? KD_OK : progress_cut(&rc->prog, rc->log->metrics);
+}
+
+/* The stage's trainer options: checkpoints to rc->state_path, resumed
+ * from it when stage_begin said so. */
+static void stage_opts(const run_ctx *rc, kd_train_opts *o) {
+    o->state_path = rc->state_path[0] ? rc->state_path : NULL;
+    o->resume = rc->state_resume;
+    o->stop = &g_stop;
+}
 
 static void stage_json(cJSON *root, const stage *s) {
     if (!s->ran) return;
@@ -193,7 +245,7 @@ static kd_status write_summary(const char *dir, const stage *st, int n, int thre
     withnl[L + 1] = '\0';
     char path[4200];
     snprintf(path, sizeof path, "%s/summary.json", dir);
-    kd_status s = write_atomic(path, withnl);
+    kd_status s = run_write_atomic(path, withnl);
     free(withnl);
     cJSON_free(txt);
     cJSON_Delete(root);
@@ -217,7 +269,8 @@ static void write_report(const char *dir) {
 enum { GEN_PATHS = 2 };
 
 static kd_status run_teacher(const kd_config *cfg, const kd_train_opts *base, const kd_dataset *train,
-                             const kd_dataset *test, kd_log *log, const char *dir, stage *out) {
+                             const kd_dataset *test, run_ctx *rc, stage *out) {
+    kd_log *log = rc->log;
     const char *spec = kd_config_str(cfg, "teacher", "model"), *ckpt = kd_config_str(cfg, "teacher", "checkpoint");
     float smoothing = (float)kd_config_float(cfg, "train", "smoothing");
     kd_classifier t;
@@ -226,8 +279,9 @@ static kd_status run_teacher(const kd_config *cfg, const kd_train_opts *base, co
     snprintf(out->spec, sizeof out->spec, "%s", spec);
     out->params = kd_model_params(t.g, &t.m);
     out->ran = 1;
-    if (!log->quiet) fprintf(stderr, "distill: teacher %s, %lld params\n", spec, (long long)out->params);
-    if (*ckpt && file_exists(ckpt)) {
+    kd_log_info(log, "teacher %s, %lld params", spec, (long long)out->params);
+    /* a teacher resumed from its state was being trained here, even if it was saved to ckpt since */
+    if (*ckpt && file_exists(ckpt) && !rc->state_resume) {
         /* a relative names = @FILE is found next to the config that set it */
         const char *names = kd_config_str(cfg, "teacher", "names"), *origin = kd_config_origin(cfg, "teacher", "names");
         char dir_of[4096] = "";
@@ -240,8 +294,7 @@ static kd_status run_teacher(const kd_config *cfg, const kd_train_opts *base, co
         if (st == KD_OK) {
             out->loaded = 1;
             out->tr.test = kd_evaluate(&t, test, base->batch);
-            if (!log->quiet)
-                fprintf(stderr, "distill: teacher loaded from %s: test acc %.2f%%\n", ckpt, 100.0 * out->tr.test.acc);
+            kd_log_info(log, "teacher loaded from %s: test acc %.2f%%", ckpt, 100.0 * out->tr.test.acc);
         }
     } else {
         kd_train_opts o = *base;
@@ -250,19 +303,21 @@ static kd_status run_teacher(const kd_config *cfg, const kd_train_opts *base, co
         if (kd_config_float(cfg, "teacher", "lr") > 0) o.opt.lr = (float)kd_config_float(cfg, "teacher", "lr");
         if (kd_config_int(cfg, "teacher", "crop") >= 0) o.crop = kd_config_int(cfg, "teacher", "crop");
         if (kd_config_int(cfg, "teacher", "flip") >= 0) o.flip = kd_config_int(cfg, "teacher", "flip") != 0;
+        stage_opts(rc, &o);
         st = kd_train_classifier(&t, train, test, &o, log, &out->tr);
     }
     char path[4200];
-    snprintf(path, sizeof path, "%s/teacher.safetensors", dir);
+    snprintf(path, sizeof path, "%s/teacher.safetensors", rc->dir);
     if (st == KD_OK) st = kd_checkpoint_save(t.g, &t.m, train, path);
     if (st == KD_OK && *ckpt && !out->loaded) st = kd_checkpoint_save(t.g, &t.m, train, ckpt);
+    if (st == KD_OK) st = progress_done(&rc->prog, out, (const char *[]){"teacher.safetensors"}, 1, log->metrics);
     kd_classifier_free(&t);
     return st;
 }
 
 /* The student with cross-entropy alone, on the labelled examples only. */
 static kd_status run_baseline(const kd_config *cfg, const kd_train_opts *base, const kd_dataset *train,
-                              const kd_dataset *test, kd_log *log, const char *dir, stage *out) {
+                              const kd_dataset *test, run_ctx *rc, stage *out) {
     const char *spec = kd_config_str(cfg, "student", "model");
     kd_dataset labeled = *train; /* a view: shares the buffers, never freed */
     if (train->labeled > 0 && train->labeled < train->n) labeled.n = train->labeled;
@@ -277,10 +332,12 @@ static kd_status run_baseline(const kd_config *cfg, const kd_train_opts *base, c
     kd_train_opts o = *base;
     o.role = "baseline";
     if (kd_config_int(cfg, "distill", "baseline_epochs") > 0) o.epochs = kd_config_int(cfg, "distill", "baseline_epochs");
-    st = kd_train_classifier(&c, &labeled, test, &o, log, &out->tr);
+    stage_opts(rc, &o);
+    st = kd_train_classifier(&c, &labeled, test, &o, rc->log, &out->tr);
     char path[4200];
-    snprintf(path, sizeof path, "%s/baseline.safetensors", dir);
+    snprintf(path, sizeof path, "%s/baseline.safetensors", rc->dir);
     if (st == KD_OK) st = kd_checkpoint_save(c.g, &c.m, train, path);
+    if (st == KD_OK) st = progress_done(&rc->prog, out, (const char *[]){"baseline.safetensors"}, 1, rc->log->metrics);
     kd_classifier_free(&c);
     return st;
 }
@@ -295,8 +352,9 @@ static kd_status fill_from_cache(void *ctx, int epoch, const int *aug, int B) {
  * is saved as DIR/OUT.safetensors, the peer (mutual learning) as
  * DIR/peer.safetensors into peer_out. */
 static kd_status run_distill(const kd_distill_setup *setup, const char *const *ckpts, const kd_cache *cache,
-                             const kd_train_opts *base, const kd_dataset *train, const kd_dataset *test, kd_log *log,
-                             const char *dir, const char *role, const char *out_name, stage *out, stage *peer_out) {
+                             const kd_train_opts *base, const kd_dataset *train, const kd_dataset *test, run_ctx *rc,
+                             const char *role, const char *out_name, stage *out, stage *peer_out) {
+    kd_log *log = rc->log;
     kd_distiller d;
     kd_status st = kd_distiller_build(&d, setup, train, base->batch, base->seed);
     if (st != KD_OK) return st;
@@ -306,8 +364,7 @@ static kd_status run_distill(const kd_distill_setup *setup, const char *const *c
     out->params = kd_model_params(d.c.g, &d.c.m);
     out->ran = 1;
     if (st == KD_OK) {
-        if (!log->quiet)
-            fprintf(stderr, "distill: %s %s, loss %s, taught by %s\n", role, setup->student, setup->loss,
+        kd_log_info(log, "%s %s, loss %s, taught by %s", role, setup->student, setup->loss,
                     cache ? cache->st.path : setup->peer ? "a peer (mutual learning)" : ckpts[0]);
         kd_train_opts o = *base;
         o.role = out->role;
@@ -318,10 +375,12 @@ static kd_status run_distill(const kd_distill_setup *setup, const char *const *c
             o.hook_ctx = &d;
             o.view_epochs = cache->views;
         }
+        stage_opts(rc, &o);
         st = kd_train_classifier(&d.c, train, test, &o, log, &out->tr);
     }
-    char path[4200];
-    snprintf(path, sizeof path, "%s/%s.safetensors", dir, out_name);
+    char path[4200], wname[300];
+    snprintf(wname, sizeof wname, "%.200s.safetensors", out_name);
+    snprintf(path, sizeof path, "%s/%s", rc->dir, wname);
     if (st == KD_OK) st = kd_checkpoint_save(d.c.g, &d.c.m, train, path);
     if (st == KD_OK && d.has_peer && peer_out) {
         /* evaluate and save the peer too: it is a second trained student */
@@ -333,9 +392,14 @@ static kd_status run_distill(const kd_distill_setup *setup, const char *const *c
         peer_out->tr = out->tr;
         peer_out->tr.test = kd_evaluate(&pc, test, base->batch);
         peer_out->ran = 1;
-        snprintf(path, sizeof path, "%s/peer.safetensors", dir);
+        snprintf(path, sizeof path, "%s/peer.safetensors", rc->dir);
         st = kd_checkpoint_save(d.c.g, &d.peer, train, path);
     }
+    /* the student and its peer are recorded together: a resume skips both or neither */
+    stage done[2] = {*out};
+    const char *wn[2] = {wname, "peer.safetensors"};
+    if (d.has_peer && peer_out) done[1] = *peer_out;
+    if (st == KD_OK) st = progress_done(&rc->prog, done, wn, d.has_peer && peer_out ? 2 : 1, log->metrics);
     kd_distiller_free(&d);
     return st;
 }
@@ -463,6 +527,7 @@ int cmd_run(int argc, char **argv) {
     const char *pos[1], *extra[64];
     int npos, nextra, help;
     kd_status st = cli_parse(&run_cmd, argc, argv, pos, 1, &npos, extra, 64, &nextra, &help);
+    g_json = cli_get(&run_cmd, "--log-json") != NULL;
     if (st != KD_OK) return fail(st);
     if (help) {
         cli_usage(&run_cmd, stdout);
@@ -533,44 +598,67 @@ int cmd_run(int argc, char **argv) {
         snprintf(dir, sizeof dir, "%s/%s", kd_config_str(cfg, "run", "out"), name);
     }
     if (st == KD_OK) st = mkdirs(dir);
+    int lm = st == KD_OK && strncmp(kd_config_str(cfg, "data", "train"), "text", 4) == 0;
+    int want_resume = cli_get(&run_cmd, "--resume") != NULL, quiet = cli_get(&run_cmd, "--quiet") != NULL;
+    if (lm && want_resume)
+        st = kd_errorf(KD_EUSAGE, "distill run: --resume is not available for language-model runs yet (docs/resume.md)");
+    /* --resume: the run must have been started with this config (checked
+     * before config.ini is rewritten) */
+    char *cfg_text = st == KD_OK ? kd_config_text(cfg) : NULL;
+    kd_log log = {.quiet = quiet, .tty = isatty(2), .json = g_json};
+    run_ctx rc = {.dir = dir, .log = &log};
+    if (st == KD_OK && !lm) {
+        st = progress_open(&rc.prog, dir, cfg_text, want_resume, &rc.resuming);
+        if (st == KD_OK && want_resume && !rc.resuming)
+            kd_log_info(&log, "nothing to resume in %s (no progress.json): starting from the beginning", dir);
+    }
     if (st == KD_OK) {
         snprintf(path, sizeof path, "%s/config.ini", dir);
         st = kd_config_write(cfg, path);
     }
-    if (st == KD_OK && strncmp(kd_config_str(cfg, "data", "train"), "text", 4) == 0) {
+    if (st == KD_OK && lm) {
         /* a language model: its own pipeline */
         threads = cli_set_threads(threads);
-        int quiet = cli_get(&run_cmd, "--quiet") != NULL;
         snprintf(path, sizeof path, "%s/metrics.jsonl", dir);
         metrics = fopen(path, "w");
-        int rc;
+        int code;
         if (!metrics) {
             kd_errorf(KD_EIO, "%s: cannot write: %s", path, strerror(errno));
-            rc = fail(KD_EIO);
+            code = fail(KD_EIO);
         } else {
-            kd_log log = {.metrics = metrics, .quiet = quiet, .tty = isatty(2)};
-            if (!quiet) fprintf(stderr, "distill: run '%s' -> %s (%d threads)\n", name, dir, threads);
-            rc = cli_run_lm(cfg, dir, threads, &log);
+            log.metrics = metrics;
+            kd_log_info(&log, "run '%s' -> %s (%d threads)", name, dir, threads);
+            code = cli_run_lm(cfg, dir, threads, &log);
             fclose(metrics);
             write_report(dir);
         }
+        free(cfg_text);
         kd_config_free(cfg);
-        return rc;
+        return code;
     }
     if (st == KD_OK) st = load_data(cfg, &train, &test);
     if (st != KD_OK) {
+        progress_close(&rc.prog);
+        free(cfg_text);
         kd_config_free(cfg);
         return fail(st);
     }
     threads = cli_set_threads(threads);
-    int quiet = cli_get(&run_cmd, "--quiet") != NULL;
     snprintf(path, sizeof path, "%s/metrics.jsonl", dir);
-    metrics = fopen(path, "w");
+    /* a resumed run keeps what it wrote: stages cut it back to where they start */
+    metrics = rc.resuming ? fopen(path, "r+") : NULL;
+    if (!metrics) metrics = fopen(path, "w");
     if (!metrics) st = kd_errorf(KD_EIO, "%s: cannot write: %s", path, strerror(errno));
-    kd_log log = {.metrics = metrics, .quiet = quiet, .tty = isatty(2)};
-    if (!quiet && st == KD_OK)
-        fprintf(stderr, "distill: run '%s' -> %s (%d threads); train %d, test %d examples\n", name, dir, threads, train.n,
-                test.n);
+    log.metrics = metrics;
+    to.checkpoint_every = kd_config_int(cfg, "train", "checkpoint_every");
+    if (st == KD_OK && to.checkpoint_every < 0)
+        st = kd_config_error(cfg, "train", "checkpoint_every", "must be >= 0");
+    to.config = cfg_text;
+    to.threads = threads;
+    catch_signals();
+    if (st == KD_OK)
+        kd_log_info(&log, "run '%s' -> %s (%d threads); train %d, test %d examples%s", name, dir, threads, train.n,
+                    test.n, rc.resuming ? "; resuming" : "");
     enum { MAX_STAGES = 16 };
     stage stages[MAX_STAGES];
     memset(stages, 0, sizeof stages);
@@ -597,13 +685,21 @@ int cmd_run(int argc, char **argv) {
     if (st == KD_OK && ensemble && *sspec && !mutual) {
         st = parse_ensemble(cfg, &tset, ens_paths, ens_models);
         for (int i = 0; i < tset.n_teachers; i++) tckpts[i] = ens_paths[i];
-        if (st == KD_OK) st = eval_ensemble(&tset, tckpts, &train, &test, to.batch, &stages[ns++]);
+        int skip = 0;
+        if (st == KD_OK) st = stage_begin(&rc, "teacher", NULL, &stages[ns], &skip);
+        if (st == KD_OK && !skip) {
+            st = eval_ensemble(&tset, tckpts, &train, &test, to.batch, &stages[ns]);
+            if (st == KD_OK) st = progress_done(&rc.prog, &stages[ns], (const char *[]){""}, 1, metrics);
+        }
+        ns++;
     } else if (st == KD_OK && !mutual) {
         /* with a cache the teacher is only evaluated, from its checkpoint if there is one */
         const char *tck = kd_config_str(cfg, "teacher", "checkpoint");
         if (!cached || (*tck && file_exists(tck))) {
-            snprintf(stages[ns].role, sizeof stages[ns].role, "teacher");
-            st = run_teacher(cfg, &to, &train, &test, &log, dir, &stages[ns++]);
+            int skip;
+            st = stage_begin(&rc, "teacher", "teacher", &stages[ns], &skip);
+            if (st == KD_OK && !skip) st = run_teacher(cfg, &to, &train, &test, &rc, &stages[ns]);
+            ns++;
         }
         tset.n_teachers = 1;
         tset.teachers[0] = kd_config_str(cfg, "teacher", "model");
@@ -612,23 +708,28 @@ int cmd_run(int argc, char **argv) {
     if (st == KD_OK && *sspec) {
         if (labeled > 0 && labeled < train.n) {
             train.labeled = labeled;
-            if (!quiet)
-                fprintf(stderr, "distill: %d labelled examples; the other %d are an unlabelled transfer set\n", labeled,
+            kd_log_info(&log, "%d labelled examples; the other %d are an unlabelled transfer set", labeled,
                         train.n - labeled);
         }
         static char apath[4200], gpath[GEN_PATHS][4200];
         if (st == KD_OK && *aspec && !mutual) { /* teacher -> assistant, then the assistant teaches */
             kd_distill_setup as = tset;
             as.student = aspec;
-            st = run_distill(&as, tckpts, NULL, &to, &train, &test, &log, dir, "assistant", "assistant", &stages[ns++], NULL);
+            int skip;
+            st = stage_begin(&rc, "assistant", "assistant", &stages[ns], &skip);
+            if (st == KD_OK && !skip)
+                st = run_distill(&as, tckpts, NULL, &to, &train, &test, &rc, "assistant", "assistant", &stages[ns], NULL);
+            ns++;
             snprintf(apath, sizeof apath, "%s/assistant.safetensors", dir);
             tset.n_teachers = 1;
             tset.teachers[0] = aspec;
             tckpts[0] = apath;
         }
         if (st == KD_OK && kd_config_int(cfg, "distill", "baseline")) {
-            snprintf(stages[ns].role, sizeof stages[ns].role, "baseline");
-            st = run_baseline(cfg, &to, &train, &test, &log, dir, &stages[ns++]);
+            int skip;
+            st = stage_begin(&rc, "baseline", "baseline", &stages[ns], &skip);
+            if (st == KD_OK && !skip) st = run_baseline(cfg, &to, &train, &test, &rc, &stages[ns]);
+            ns++;
         }
         if (st == KD_OK) {
             kd_distill_setup ss = tset;
@@ -644,9 +745,18 @@ int cmd_run(int argc, char **argv) {
                 ss.n_teachers = 0;
                 ss.cached = 1;
             }
-            int at = ns++;
-            st = run_distill(&ss, tckpts, cached ? &cache : NULL, &to, &train, &test, &log, dir, "student", "student",
-                             &stages[at], mutual ? &stages[ns++] : NULL);
+            int at = ns++, skip;
+            st = stage_begin(&rc, "student", "student", &stages[at], &skip);
+            if (st == KD_OK && skip && mutual) { /* recorded together with its student */
+                st = progress_skip(&rc.prog, "peer", &stages[ns], &skip);
+                if (st == KD_OK && !skip)
+                    st = kd_errorf(KD_EFORMAT, "%s/progress.json: the student is recorded without its peer", dir);
+                skip = 1;
+            }
+            if (st == KD_OK && !skip)
+                st = run_distill(&ss, tckpts, cached ? &cache : NULL, &to, &train, &test, &rc, "student", "student",
+                                 &stages[at], mutual ? &stages[ns] : NULL);
+            if (mutual) ns++;
         }
         /* born-again generations: each student teaches the next, same model */
         for (int gen = 2; gen <= gens && st == KD_OK; gen++) {
@@ -657,10 +767,14 @@ int cmd_run(int argc, char **argv) {
                 snprintf(gpath[0], sizeof gpath[0], "%s/student.safetensors", dir);
             snprintf(role, sizeof role, "student_g%d", gen);
             snprintf(name, sizeof name, "student_g%d", gen);
-            st = run_distill(&gs, prev, NULL, &to, &train, &test, &log, dir, role, name, &stages[ns++], NULL);
+            int skip;
+            st = stage_begin(&rc, role, name, &stages[ns], &skip);
+            if (st == KD_OK && !skip) st = run_distill(&gs, prev, NULL, &to, &train, &test, &rc, role, name, &stages[ns], NULL);
+            ns++;
             snprintf(gpath[(gen - 1) % GEN_PATHS], sizeof gpath[0], "%s/%s.safetensors", dir, name);
         }
     }
+    if (st == KD_OK) st = progress_cut(&rc.prog, metrics); /* all skipped: as the last stage left it */
     if (st == KD_OK)
         st = write_summary(dir, stages, ns, threads, *sspec ? kd_config_str(cfg, "distill", "loss") : NULL);
     if (st == KD_OK) {
@@ -669,7 +783,7 @@ int cmd_run(int argc, char **argv) {
             if (stages[i].ran)
                 printf("%-11s %-34.34s %10lld %8.2f%% %9.1f\n", stages[i].role, stages[i].spec,
                        (long long)stages[i].params, 100.0 * stages[i].tr.test.acc, stages[i].tr.train_seconds);
-        if (!quiet) fprintf(stderr, "distill: wrote %s\n", dir);
+        kd_log_info(&log, "wrote %s", dir);
     }
     if (metrics) {
         fclose(metrics);
@@ -679,5 +793,8 @@ int cmd_run(int argc, char **argv) {
     kd_dataset_free(&train);
     kd_dataset_free(&test);
     kd_config_free(cfg);
+    progress_close(&rc.prog);
+    free(cfg_text);
+    if (st == KD_EINTR) return run_interrupted(&log, g_stop ? g_stop : SIGINT, argc, argv);
     return st == KD_OK ? 0 : fail(st);
 }

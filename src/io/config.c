@@ -80,6 +80,8 @@ static const entry schema[] = {
     {"train", "smoothing", T_FLOAT, "0", "label smoothing of the cross-entropy"},
     {"train", "log_every", T_INT, "50", "steps between training-loss lines in metrics.jsonl"},
     {"train", "eval_every", T_INT, "1", "epochs between test-set evaluations (the last epoch always)"},
+    {"train", "checkpoint_every", T_INT, "0",
+     "steps between training-state checkpoints for --resume (0: at epoch ends only; docs/resume.md)"},
     {"lm", "steps", T_INT, "1000", "language models: optimiser steps of each model trained"},
     {"lm", "teacher_steps", T_INT, "0", "language models: steps when the teacher is trained here (0: [lm] steps)"},
     {"lm", "seq", T_INT, "0", "language models: tokens per training window (0: the model's context)"},
@@ -411,21 +413,49 @@ kd_status kd_config_error(const kd_config *c, const char *section, const char *k
     return kd_errorf(KD_ECONFIG, "%s: [%s] %s = '%s': %s", w, section, key, c->v[i].text, msg);
 }
 
+/* Appends printf-style text to a growing buffer. */
+static void append(char **s, size_t *n, size_t *cap, const char *fmt, ...) __attribute__((format(printf, 4, 5)));
+static void append(char **s, size_t *n, size_t *cap, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    int k = vsnprintf(NULL, 0, fmt, ap);
+    va_end(ap);
+    KD_ASSERT(k >= 0, "vsnprintf failed");
+    if (*n + (size_t)k + 1 > *cap) {
+        while (*n + (size_t)k + 1 > *cap) *cap *= 2;
+        *s = kd_realloc(*s, *cap);
+    }
+    va_start(ap, fmt);
+    vsnprintf(*s + *n, *cap - *n, fmt, ap);
+    va_end(ap);
+    *n += (size_t)k;
+}
+
+char *kd_config_text(const kd_config *c) {
+    size_t n = 0, cap = 4096;
+    char *s = kd_malloc(cap);
+    s[0] = '\0';
+    const char *sec = "";
+    append(&s, &n, &cap, "; resolved configuration written by distill %s\n", KD_VERSION);
+    for (int i = 0; i < N_SCHEMA; i++) {
+        if (strcmp(sec, schema[i].section) != 0) {
+            sec = schema[i].section;
+            append(&s, &n, &cap, "\n[%s]\n", sec);
+        }
+        append(&s, &n, &cap, "%s = %s\n", schema[i].key, c->v[i].text);
+    }
+    return s;
+}
+
 kd_status kd_config_write(const kd_config *c, const char *path) {
     char tmp[4096];
     snprintf(tmp, sizeof tmp, "%s.tmp", path);
     FILE *f = fopen(tmp, "w");
     if (!f) return kd_errorf(KD_EIO, "%s: cannot write: %s", tmp, strerror(errno));
-    const char *sec = "";
-    fprintf(f, "; resolved configuration written by distill %s\n", KD_VERSION);
-    for (int i = 0; i < N_SCHEMA; i++) {
-        if (strcmp(sec, schema[i].section) != 0) {
-            sec = schema[i].section;
-            fprintf(f, "\n[%s]\n", sec);
-        }
-        fprintf(f, "%s = %s\n", schema[i].key, c->v[i].text);
-    }
-    int bad = ferror(f);
+    char *text = kd_config_text(c);
+    int bad = fputs(text, f) < 0;
+    free(text);
+    bad |= ferror(f);
     bad |= fclose(f) != 0;
     if (bad || rename(tmp, path) != 0) {
         remove(tmp);
