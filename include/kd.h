@@ -327,6 +327,12 @@ enum {
     KD_OP_POS_ADD,
     KD_OP_LAYERNORM,
     KD_OP_CAUSAL_ATTENTION,
+    /* feature3 (src/distill/feature3.c) */
+    KD_OP_HAAR2D,
+    KD_OP_BAND_MSE,
+    KD_OP_ATTN_MASK,
+    KD_OP_MASKED_MSE,
+    KD_OP_GAUSS_KL,
     KD_OP_COUNT
 };
 

@@ -133,4 +133,29 @@ kd_node *kd_logsum(kd_graph *g, kd_node *a, kd_node *b, float alpha);
  * compile), tau > 0. */
 kd_node *kd_rank_align(kd_graph *g, kd_node *s, kd_node *t, kd_node *mask, int k, float tau);
 
+/* feature3 (src/distill/feature3.c; docs/losses/feature3.md) */
+/* Single-level orthonormal 2-D Haar transform: x (B, C, H, W) -> (B, 4C,
+ * ceil(H/2), ceil(W/2)), bands LL, LH, HL, HH stacked along dim 1 (band k
+ * of channel c at k*C + c); odd H or W are zero-padded at the bottom/right.
+ * Per 2x2 block [[p, q], [r, s]]: LL = (p+q+r+s)/2, LH = (p-q+r-s)/2,
+ * HL = (p+q-r-s)/2, HH = (p-q-r+s)/2. Gradient to x. */
+kd_node *kd_haar2d(kd_graph *g, kd_node *x);
+/* a, b (B, n_bands*C, ...) of one shape: sum over bands k of w[k] times the
+ * sum of (a - b)^2 over band k's channels (k*C .. k*C+C-1 of dim 1), all
+ * divided by numel(a); all weights 1 = plain MSE. 1 <= n_bands <= 8;
+ * gradients to both. */
+kd_node *kd_band_mse(kd_graph *g, kd_node *a, kd_node *b, int n_bands, const float *w);
+/* SoKD's mutual attention mask: fs (B, Cs, ...), ft (B, Ct, ...) with the
+ * same B and trailing dims (I positions) -> (B, 1, ...): per example
+ * a = mean_c |f_c|, u = a / (mean(a) + 1e-6), M = I * softmax((u_s + u_t) /
+ * tau) over the I positions (the renormalised product of the two softmax
+ * maps; mean 1). detach = 1: no gradient into fs, ft (a constant mask). */
+kd_node *kd_attn_mask(kd_graph *g, kd_node *fs, kd_node *ft, float tau, int detach);
+/* a, b (B, C, ...) of one shape, m (B, 1, ...): sum of m (a - b)^2 (m
+ * broadcast over C) divided by numel(a); gradients to a, b and m. */
+kd_node *kd_masked_mse(kd_graph *g, kd_node *a, kd_node *b, kd_node *m);
+/* KL(N(mu_t, exp(lv_t)) || N(mu_s, exp(lv_s))) of diagonal Gaussians, all
+ * four (N, D): summed over D, averaged over N; gradients to all four. */
+kd_node *kd_gauss_kl(kd_graph *g, kd_node *mu_s, kd_node *lv_s, kd_node *mu_t, kd_node *lv_t);
+
 #endif

@@ -2,7 +2,9 @@
  *
  *   spec  := term ('+' term)*
  *   term  := NAME [ '(' [arg (',' arg)*] ')' ]
- *   arg   := KEY '=' VALUE          VALUE: a number or a bare word (tap names)
+ *   arg   := KEY '=' VALUE          VALUE: a number or a bare word (tap names);
+ *                                    '+' inside a value joins words into a
+ *                                    list of taps ("s=block1+block2")
  *
  * This file only parses; which names and keys exist, their defaults and
  * ranges are checked by the loss builder (build.c), which knows the losses.
@@ -23,9 +25,11 @@ static const char *skip_ws(const char *p) {
     return p;
 }
 
-static const char *word(const char *p, char *out, size_t n) {
+/* in a value (between '=' and ',' or ')') '+' is part of the word: terms
+ * are only joined outside the parentheses */
+static const char *word(const char *p, char *out, size_t n, int value) {
     size_t k = 0;
-    while (*p && (isalnum((unsigned char)*p) || *p == '_' || *p == '.' || *p == '-')) {
+    while (*p && (isalnum((unsigned char)*p) || *p == '_' || *p == '.' || *p == '-' || (value && *p == '+'))) {
         if (k + 1 < n) out[k++] = *p;
         p++;
     }
@@ -42,7 +46,7 @@ kd_status kd_loss_spec_parse(const char *spec, kd_loss_spec *out) {
         kd_loss_term *t = &out->terms[out->n++];
         p = skip_ws(p);
         const char *start = p;
-        p = word(p, t->name, sizeof t->name);
+        p = word(p, t->name, sizeof t->name, 0);
         if (p == start || !isalpha((unsigned char)t->name[0])) return spec_err(spec, start, "expected a loss name");
         p = skip_ws(p);
         if (*p == '(') {
@@ -51,13 +55,13 @@ kd_status kd_loss_spec_parse(const char *spec, kd_loss_spec *out) {
                 if (t->n_args == KD_MAX_ARGS) return spec_err(spec, p, "too many arguments");
                 kd_loss_arg *a = &t->args[t->n_args++];
                 const char *ks = p;
-                p = word(p, a->key, sizeof a->key);
+                p = word(p, a->key, sizeof a->key, 0);
                 if (p == ks) return spec_err(spec, ks, "expected an argument name");
                 p = skip_ws(p);
                 if (*p != '=') return spec_err(spec, p, "expected '=' after the argument name");
                 p = skip_ws(p + 1);
                 const char *vs = p;
-                p = word(p, a->value, sizeof a->value);
+                p = word(p, a->value, sizeof a->value, 1);
                 if (p == vs) return spec_err(spec, vs, "expected a value");
                 for (int j = 0; j < t->n_args - 1; j++)
                     if (strcmp(t->args[j].key, a->key) == 0) return spec_err(spec, ks, "argument given twice");

@@ -30,6 +30,9 @@ extern const kd_op_def kd_op_topk_divergence, kd_op_topk_dense;
 /* language models (src/ops/lm.c) */
 extern const kd_op_def kd_op_embedding, kd_op_pos_add, kd_op_layernorm, kd_op_causal_attention;
 
+/* feature3 (src/distill/feature3.c) */
+extern const kd_op_def kd_op_haar2d, kd_op_band_mse, kd_op_attn_mask, kd_op_masked_mse, kd_op_gauss_kl;
+
 /* shape error naming the node and its inputs */
 kd_status kd_op_shape_error(const kd_node *n, const char *what);
 

@@ -58,4 +58,10 @@ const kd_op_def *const kd_ops[KD_OP_COUNT] = {
     [KD_OP_POS_ADD] = &kd_op_pos_add,
     [KD_OP_LAYERNORM] = &kd_op_layernorm,
     [KD_OP_CAUSAL_ATTENTION] = &kd_op_causal_attention,
+    /* feature3 */
+    [KD_OP_HAAR2D] = &kd_op_haar2d,
+    [KD_OP_BAND_MSE] = &kd_op_band_mse,
+    [KD_OP_ATTN_MASK] = &kd_op_attn_mask,
+    [KD_OP_MASKED_MSE] = &kd_op_masked_mse,
+    [KD_OP_GAUSS_KL] = &kd_op_gauss_kl,
 };
