@@ -22,6 +22,11 @@ teacher = None
 tf = glob.glob("runs/lm_teacher/summary.json")
 if tf:
     teacher = json.load(open(tf[0])).get("teacher")
+te = os.path.join(out, "teacher_eval.txt")  # the whole validation sweep, as the students'
+if teacher and os.path.exists(te):
+    m = re.search(r"loss ([0-9.]+) nats/token, perplexity ([0-9.]+)", open(te).read())
+    if m:
+        teacher["val_loss"], teacher["val_ppl"] = float(m.group(1)), float(m.group(2))
 
 
 def ms(xs):

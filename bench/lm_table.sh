@@ -19,6 +19,7 @@ D=build/distill
 mkdir -p "$OUT"
 TEACHER=runs/lm_teacher/teacher.safetensors
 [ -f "$TEACHER" ] || OMP_WAIT_POLICY=passive $D run examples/lm_teacher.ini
+[ -f "$OUT/teacher_eval.txt" ] || $D eval "$TEACHER" --data text --threads 1 > "$OUT/teacher_eval.txt"
 CACHE=$OUT/top32.cache
 [ -f "$CACHE" ] || OMP_WAIT_POLICY=passive $D cache "$TEACHER" --data text --topk 32 --out "$CACHE"
 common="--lm.steps=$STEPS --lm.eval_every=$STEPS --lm.eval_windows=0 --distill.baseline=0 --threads 1 --quiet --run.out=$OUT"
