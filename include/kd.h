@@ -325,6 +325,11 @@ enum {
     KD_OP_POS_ADD,
     KD_OP_LAYERNORM,
     KD_OP_CAUSAL_ATTENTION,
+    /* geometry and DCD (src/distill/geometry.c, dcd.c) */
+    KD_OP_PROCRUSTES,
+    KD_OP_GRAM_DIST,
+    KD_OP_CKA,
+    KD_OP_DCD,
     KD_OP_COUNT
 };
 

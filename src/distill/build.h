@@ -41,6 +41,7 @@ struct kd_loss_def {
 extern const kd_loss_def kd_loss_defs_core[];
 extern const kd_loss_def kd_loss_defs_feat2[];
 extern const kd_loss_def kd_loss_defs_logit2[];
+extern const kd_loss_def kd_loss_defs_geom[];
 
 const kd_loss_def *kd_loss_def_find(const char *name);
 /* default of `key` in an args string, or NULL */

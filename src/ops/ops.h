@@ -30,6 +30,9 @@ extern const kd_op_def kd_op_topk_divergence;
 /* language models (src/ops/lm.c) */
 extern const kd_op_def kd_op_embedding, kd_op_pos_add, kd_op_layernorm, kd_op_causal_attention;
 
+/* geometry and DCD (src/distill/geometry.c, dcd.c) */
+extern const kd_op_def kd_op_procrustes, kd_op_gram_dist, kd_op_cka, kd_op_dcd;
+
 /* shape error naming the node and its inputs */
 kd_status kd_op_shape_error(const kd_node *n, const char *what);
 

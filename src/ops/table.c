@@ -57,4 +57,9 @@ const kd_op_def *const kd_ops[KD_OP_COUNT] = {
     [KD_OP_POS_ADD] = &kd_op_pos_add,
     [KD_OP_LAYERNORM] = &kd_op_layernorm,
     [KD_OP_CAUSAL_ATTENTION] = &kd_op_causal_attention,
+    /* geometry and DCD */
+    [KD_OP_PROCRUSTES] = &kd_op_procrustes,
+    [KD_OP_GRAM_DIST] = &kd_op_gram_dist,
+    [KD_OP_CKA] = &kd_op_cka,
+    [KD_OP_DCD] = &kd_op_dcd,
 };
