@@ -333,6 +333,11 @@ enum {
     KD_OP_ATTN_MASK,
     KD_OP_MASKED_MSE,
     KD_OP_GAUSS_KL,
+    /* geometry and DCD (src/distill/geometry.c, dcd.c) */
+    KD_OP_PROCRUSTES,
+    KD_OP_GRAM_DIST,
+    KD_OP_CKA,
+    KD_OP_DCD,
     KD_OP_COUNT
 };
 

@@ -157,5 +157,37 @@ kd_node *kd_masked_mse(kd_graph *g, kd_node *a, kd_node *b, kd_node *m);
 /* KL(N(mu_t, exp(lv_t)) || N(mu_s, exp(lv_s))) of diagonal Gaussians, all
  * four (N, D): summed over D, averaged over N; gradients to all four. */
 kd_node *kd_gauss_kl(kd_graph *g, kd_node *mu_s, kd_node *lv_s, kd_node *mu_t, kd_node *lv_t);
+/* geometry and DCD (src/distill/geometry.c, dcd.c; docs/losses/geometry.md,
+ * docs/losses/dcd.md) */
+/* Geometry-aware alignment (Bhattarai et al. 2025). fs (B, ...) and ft
+ * (B, ...) are viewed as (B, Ds) and (B, Dt) (widths may differ) and each
+ * is centred over the batch and scaled to unit Frobenius norm: Xs, Xt.
+ * Gradients to both inputs. A side whose centred features are all zero
+ * (B = 1) gets no gradient. */
+/* 2 - 2 |Xt^T Xs|_* (Procrustes distance; nuclear norm by a Jacobi SVD in
+ * double). ip[0] of the node: 0 picks the cheaper of the direct (Dt x Ds)
+ * and reduced (B x B) computation, 1 forces direct, 2 reduced (set before
+ * compile). Differentiable where Xt^T Xs has the rank of Xs and Xt. */
+kd_node *kd_procrustes(kd_graph *g, kd_node *fs, kd_node *ft);
+/* |Xt Xt^T - Xs Xs^T|_F (feature-Gram distance; gradient 0 where it is 0) */
+kd_node *kd_gram_dist(kd_graph *g, kd_node *fs, kd_node *ft);
+/* 1 - linear CKA = 1 - <Ks, Kt>_F / (|Ks|_F |Kt|_F), K = X X^T */
+kd_node *kd_cka(kd_graph *g, kd_node *fs, kd_node *ft);
+
+/* DCD (Giakoumoglou & Stathaki 2024) on normalised embeddings zs, zt (N,
+ * D): logits L = scale zs zt^T + b with scale = min(exp(log_scale0 +
+ * log_scale), max_scale), b = bias0 + bias (log_scale, bias: (1) nodes,
+ * usually parameters); loss = w_nce * mean_i CE(L_i., i) + w_kl * KL(Q || P),
+ * P the row softmax of L, Q per `consist`. Gradients to zs, zt, log_scale
+ * and bias (whose gradient is 0: a shared bias cancels in a softmax). */
+typedef enum kd_dcd_consist {
+    KD_DCD_CROSS,   /* Q = (column softmax of L)^T: teacher i vs student keys (the authors' code) */
+    KD_DCD_TEACHER, /* Q = row softmax of scale zt zt^T + b, detached (teacher-teacher) */
+} kd_dcd_consist;
+typedef struct kd_dcd_args {
+    int consist; /* kd_dcd_consist */
+    float log_scale0, bias0, max_scale, w_nce, w_kl;
+} kd_dcd_args;
+kd_node *kd_dcd(kd_graph *g, kd_node *zs, kd_node *zt, kd_node *log_scale, kd_node *bias, const kd_dcd_args *a);
 
 #endif

@@ -42,6 +42,7 @@ extern const kd_loss_def kd_loss_defs_core[];
 extern const kd_loss_def kd_loss_defs_feat2[];
 extern const kd_loss_def kd_loss_defs_logit2[];
 extern const kd_loss_def kd_loss_defs_feat3[];
+extern const kd_loss_def kd_loss_defs_geom[];
 
 const kd_loss_def *kd_loss_def_find(const char *name);
 /* default of `key` in an args string, or NULL */

@@ -64,4 +64,9 @@ const kd_op_def *const kd_ops[KD_OP_COUNT] = {
     [KD_OP_ATTN_MASK] = &kd_op_attn_mask,
     [KD_OP_MASKED_MSE] = &kd_op_masked_mse,
     [KD_OP_GAUSS_KL] = &kd_op_gauss_kl,
+    /* geometry and DCD */
+    [KD_OP_PROCRUSTES] = &kd_op_procrustes,
+    [KD_OP_GRAM_DIST] = &kd_op_gram_dist,
+    [KD_OP_CKA] = &kd_op_cka,
+    [KD_OP_DCD] = &kd_op_dcd,
 };
