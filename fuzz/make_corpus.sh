@@ -4,11 +4,13 @@
 # library itself (fuzz/make_corpus.c), plus copies of the example configs
 # and a safetensors fixture written by PyTorch's library. The output is
 # committed; run this again when a format or the loss/config schema changes.
+# Inputs that once crashed a harness are kept as fuzz/corpus/NAME/regress_*.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 make -j2 build/make_corpus
 tool=build/make_corpus
-rm -rf fuzz/corpus
+# inputs that once crashed (regress_*) stay; everything else is regenerated
+if [ -d fuzz/corpus ]; then find fuzz/corpus -type f ! -name 'regress_*' -delete; fi
 "$tool" fuzz
 for d in fuzz/spec.dict fuzz/config.dict; do # one line per entry
     awk '!seen[$0]++' "$d" >"$d.new" && mv "$d.new" "$d"
