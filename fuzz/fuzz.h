@@ -23,14 +23,14 @@
 
 #include "kd.h"
 
-#define FZ_CHECK(cond, ...)                                                                \
-    do {                                                                                   \
-        if (!(cond)) {                                                                     \
-            fprintf(stderr, "fuzz invariant broken (%s:%d): %s: ", __FILE__, __LINE__, #cond); \
-            fprintf(stderr, __VA_ARGS__);                                                  \
-            fprintf(stderr, "\n(last library message: %s)\n", kd_error_message());        \
-            abort();                                                                       \
-        }                                                                                  \
+#define FZ_CHECK(cond, ...)                                                                                            \
+    do {                                                                                                               \
+        if (!(cond)) {                                                                                                 \
+            fprintf(stderr, "fuzz invariant broken (%s:%d): %s: ", __FILE__, __LINE__, #cond);                         \
+            fprintf(stderr, __VA_ARGS__);                                                                              \
+            fprintf(stderr, "\n(last library message: %s)\n", kd_error_message());                                     \
+            abort();                                                                                                   \
+        }                                                                                                              \
     } while (0)
 
 /* An in-memory file whose path any open(2)/fopen/gzopen accepts. */

@@ -84,7 +84,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
             FZ_CHECK(s2 == KD_OK, "the resolved config does not load again");
             FZ_CHECK(kd_config_write(c2, path2) == KD_OK, "writing %s", path2);
             char *t2 = slurp(path2, &n2);
-            FZ_CHECK(n1 == n2 && memcmp(t1, t2, n1) == 0, "the resolved config changed on reload:\n%s\n---\n%s", t1, t2);
+            FZ_CHECK(n1 == n2 && memcmp(t1, t2, n1) == 0, "the resolved config changed on reload:\n%s\n---\n%s", t1,
+                     t2);
             free(t2);
         }
         kd_config_free(c2);

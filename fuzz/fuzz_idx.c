@@ -46,8 +46,8 @@ static void check_dataset(const kd_dataset *ds) {
     FZ_CHECK(ds->n >= 1 && ds->c == 1 && ds->h >= 1 && ds->w >= 1, "geometry n %d c %d h %d w %d", ds->n, ds->c, ds->h,
              ds->w);
     FZ_CHECK(ds->n_classes >= 1 && ds->n_classes <= 256, "%d classes", ds->n_classes);
-    FZ_CHECK(isfinite(ds->mean) && ds->mean >= 0 && ds->mean <= 1 && isfinite(ds->std) && ds->std > 0,
-             "mean %g std %g", (double)ds->mean, (double)ds->std);
+    FZ_CHECK(isfinite(ds->mean) && ds->mean >= 0 && ds->mean <= 1 && isfinite(ds->std) && ds->std > 0, "mean %g std %g",
+             (double)ds->mean, (double)ds->std);
     FZ_CHECK(strncmp(ds->name, "idx:", 4) == 0, "name '%s'", ds->name);
     int max = 0;
     for (int i = 0; i < ds->n; i++) max = ds->labels[i] > max ? ds->labels[i] : max;
@@ -66,7 +66,7 @@ static void check_dataset(const kd_dataset *ds) {
             FZ_CHECK(y[b] >= 0 && y[b] < ds->n_classes && aug[4 * b + 3] >= 0 && aug[4 * b + 3] < ds->n,
                      "label %g index %d", (double)y[b], aug[4 * b + 3]);
             FZ_CHECK(aug[4 * b] >= 0 && aug[4 * b] <= 4 && aug[4 * b + 1] >= 0 && aug[4 * b + 1] <= 4 &&
-                          (aug[4 * b + 2] == 0 || aug[4 * b + 2] == 1),
+                         (aug[4 * b + 2] == 0 || aug[4 * b + 2] == 1),
                      "view %d %d %d", aug[4 * b], aug[4 * b + 1], aug[4 * b + 2]);
         }
         for (size_t i = 0; i < (size_t)B * hw; i++) FZ_CHECK(isfinite(x[i]), "pixel %zu = %g", i, (double)x[i]);

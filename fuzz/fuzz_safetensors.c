@@ -60,8 +60,8 @@ static void round_trip(const kd_safetensors *st) {
     kd_safetensors back;
     s = kd_st_read(out_path, &back);
     FZ_CHECK(s == KD_OK, "what the writer wrote does not read back");
-    FZ_CHECK(back.n == st->n && back.n_meta == st->n_meta, "%d tensors / %d metadata became %d / %d", st->n,
-             st->n_meta, back.n, back.n_meta);
+    FZ_CHECK(back.n == st->n && back.n_meta == st->n_meta, "%d tensors / %d metadata became %d / %d", st->n, st->n_meta,
+             back.n, back.n_meta);
     for (int i = 0; i < st->n; i++) {
         const kd_st_tensor *a = &st->tensors[i], *b = kd_st_find(&back, a->name);
         FZ_CHECK(b, "tensor '%s' lost", a->name);

@@ -226,10 +226,9 @@ static void seeds_idx(void) {
 
 /* ---------------------------------------------------------------- tokenizer, text */
 
-static const char sample_text[] =
-    "It was the best of times, it was the worst of times, it was the age of wisdom.\n"
-    "  Indented line\twith a tab; numbers 1234 and 56.78 -- punctuation!?\n"
-    "UTF-8: caf\xc3\xa9, na\xc3\xafve, \xe2\x82\xac 5, \xf0\x9f\x98\x80 smile\n";
+static const char sample_text[] = "It was the best of times, it was the worst of times, it was the age of wisdom.\n"
+                                  "  Indented line\twith a tab; numbers 1234 and 56.78 -- punctuation!?\n"
+                                  "UTF-8: caf\xc3\xa9, na\xc3\xafve, \xe2\x82\xac 5, \xf0\x9f\x98\x80 smile\n";
 
 static void seeds_tokenizer(void) {
     mkdirs("tokenizer");
@@ -291,7 +290,8 @@ static void seeds_spec(void) {
     fclose(m);
     FILE *dict = open_out("spec.dict");
     fprintf(dict, "# loss names and argument keys (written by fuzz/make_corpus.sh)\n");
-    fprintf(dict, "\"+\"\n\"(\"\n\")\"\n\"=\"\n\", \"\n\"weight=\"\n\"feat\"\n\"block1\"\n\"auto\"\n\"linear\"\n\"mlp\"\n");
+    fprintf(dict,
+            "\"+\"\n\"(\"\n\")\"\n\"=\"\n\", \"\n\"weight=\"\n\"feat\"\n\"block1\"\n\"auto\"\n\"linear\"\n\"mlp\"\n");
     int n = 0;
     for (char *line = strtok(help, "\n"); line; line = strtok(NULL, "\n")) {
         char name[64], spec[512];
