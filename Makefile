@@ -8,6 +8,7 @@
 #   DEBUG=1         -O0
 #   OMP=0           no OpenMP
 #   ARCH=x86-64     portable binary (default: -march=native)
+#   make fuzz       libFuzzer harnesses (fuzz/, clang-14) run FUZZ_SECONDS each
 CC      ?= cc
 # -march=native: AVX2/AVX-512 for our element-wise loops (BLAS picks its own
 # kernels at run time). ARCH=x86-64 builds a binary that runs on any x86-64.
@@ -88,8 +89,42 @@ interop: $(BUILD)/distill
 	$(INTEROP_VENV)/bin/python -m pip install --disable-pip-version-check --quiet torch safetensors numpy
 	$(INTEROP_VENV)/bin/python tools/interop.py --distill $(BUILD)/distill --work $(BUILD)/interop --log $(BUILD)/interop.log
 
-clean:
-	rm -rf build build-san
+# Fuzzing (docs/fuzzing.md): each fuzz/fuzz_NAME.c links a separate build of
+# the library (build-fuzz/, clang with ASan + UBSan + libFuzzer coverage, no
+# OpenMP) and runs FUZZ_SECONDS from its seeds (fuzz/corpus/NAME, read only)
+# and what earlier runs found (build-fuzz/corpus/NAME). A crash fails make;
+# its input is saved as build-fuzz/crashes/NAME-crash-*.
+FUZZ_CC      ?= clang-14
+FUZZ_SECONDS ?= 10
+FUZZ_NAMES   := safetensors config spec tokenizer cache idx text
+FUZZ_BUILD   := build-fuzz
+# -Wno-unused-parameter: without OpenMP some kernels leave their thread count unused
+FUZZ_CFLAGS  := -O1 -g -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -Wno-unused-parameter -Iinclude -Isrc -MMD -MP \
+                -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined
+FUZZ_LIB_OBJ := $(LIB_SRC:%.c=$(FUZZ_BUILD)/%.o)
 
-.PHONY: all test bench bench-lm interop clean
+$(FUZZ_BUILD)/%.o: %.c
+	@mkdir -p $(dir $@)
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer-no-link -c $< -o $@
+
+$(FUZZ_BUILD)/libkd.a: $(FUZZ_LIB_OBJ)
+	rm -f $@ && ar rcs $@ $^
+
+$(FUZZ_BUILD)/fuzz_%: $(FUZZ_BUILD)/fuzz/fuzz_%.o $(FUZZ_BUILD)/libkd.a
+	$(FUZZ_CC) -fsanitize=fuzzer,address,undefined -o $@ $^ $(LDLIBS)
+
+# the seed generator (fuzz/make_corpus.sh), an ordinary build
+$(BUILD)/make_corpus: $(BUILD)/fuzz/make_corpus.o $(BUILD)/libkd.a
+	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS)
+
+.SECONDARY: $(FUZZ_NAMES:%=$(FUZZ_BUILD)/fuzz/fuzz_%.o)
+
+fuzz: $(FUZZ_NAMES:%=$(FUZZ_BUILD)/fuzz_%)
+	for n in $(FUZZ_NAMES); do bash fuzz/run.sh $(FUZZ_BUILD) $$n $(FUZZ_SECONDS) || exit 1; done
+
+clean:
+	rm -rf build build-san build-fuzz
+
+.PHONY: all test bench bench-lm interop clean fuzz
 -include $(LIB_OBJ:.o=.d) $(CLI_OBJ:.o=.d) $(TEST_OBJ:.o=.d)
+-include $(FUZZ_LIB_OBJ:.o=.d) $(FUZZ_NAMES:%=$(FUZZ_BUILD)/fuzz/fuzz_%.d)

@@ -723,11 +723,26 @@ static void rows_vid_crd(void) {
             CHECK(isfinite(v->val.data[0]) && max_abs(find(&p, "proj1.embed_t.weight")->grad.data, 320) > 0);
         }
         kd_graph_free(p.g);
-        st = pair_build(&p, "mlp: 12", "mlp: 20", "crd(n_data=30, dim=8) + crd(n_data=30, dim=8, weight=2)", 64);
+        st = pair_build(&p, "mlp: 12", "mlp: 20", "crd(n_data=80, dim=8) + crd(n_data=80, dim=8, weight=2)", 64);
         CHECK_MSG(st == KD_OK, "%s", kd_error_message());
         if (st == KD_OK) {
-            CHECK(p.L.terms[0].value->ip[0] == 30);
+            CHECK(p.L.terms[0].value->ip[0] == 80);
             CHECK(p.L.terms[0].value->in[2] == p.L.terms[1].value->in[2]); /* one idx input */
+        }
+        kd_graph_free(p.g);
+    }
+    TEST("crd: an n_data below the training-set size is a config error, not an abort in training (fuzz_spec)") {
+        kd_status st = pair_build(&p, "mlp: 12", "mlp: 20", "crd(n_data=30, dim=8)", 64);
+        CHECK(st == KD_ECONFIG && strstr(kd_error_message(), "n_data=30 is smaller than the training set (64"));
+        kd_graph_free(p.g);
+        /* equal is fine: every index the trainer feeds is below it */
+        st = pair_build(&p, "mlp: 12", "mlp: 20", "crd(n_data=6, dim=8, nce_k=4)", 6);
+        CHECK_MSG(st == KD_OK, "%s", kd_error_message());
+        if (st == KD_OK) {
+            kd_node *idx = find(&p, "idx");
+            for (int i = 0; i < 6; i++) idx->val.data[i] = (float)(5 - i);
+            step(p.g, p.L.total, 1);
+            CHECK(isfinite(p.L.terms[0].value->val.data[0]));
         }
         kd_graph_free(p.g);
     }

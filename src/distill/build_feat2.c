@@ -145,6 +145,13 @@ static kd_status b_crd(kd_lctx *c, kd_node **out) {
     if (st == KD_OK) st = larg_int(c, d, "n_data", 0, 1 << 24, &n_data);
     if (st != KD_OK) return st;
     if (!inbatch) {
+        /* the trainer feeds every example's index; a smaller bank would
+         * abort on the first index past it */
+        if (n_data > 0 && c->in->n_data > n_data)
+            return kd_errorf(KD_ECONFIG,
+                             "loss '%s': n_data=%d is smaller than the training set (%lld examples); leave it out to "
+                             "use the training-set size",
+                             c->term->name, n_data, (long long)c->in->n_data);
         if (n_data == 0) n_data = (int)c->in->n_data;
         if (n_data <= 0)
             return kd_errorf(KD_ECONFIG,
