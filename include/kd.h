@@ -68,6 +68,10 @@ void *kd_malloc(size_t n);
 void *kd_calloc(size_t n, size_t size);
 void *kd_realloc(void *p, size_t n);
 char *kd_strdup(const char *s);
+/* Writes n bytes to path atomically: PATH.tmp.PID, fsync, rename, then an
+ * fsync of the directory; on failure the temp file is removed and an
+ * existing PATH is left untouched. Errors name the path. */
+kd_status kd_write_atomic(const char *path, const void *data, size_t n);
 
 /* ---------------------------------------------------------------- rng */
 

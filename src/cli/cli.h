@@ -29,6 +29,8 @@ void cli_usage(const cli_cmd *cmd, FILE *f);
 const char *cli_get(const cli_cmd *cmd, const char *name);
 /* Applies --threads to OpenMP and OpenBLAS; returns the count in use. */
 int cli_set_threads(int n);
+/* mkdir -p; errors name the directory */
+kd_status cli_mkdirs(const char *path);
 kd_status cli_parse_int(const char *opt, const char *s, int lo, int hi, int *out);
 
 int cmd_run(int argc, char **argv);

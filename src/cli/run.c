@@ -69,7 +69,7 @@ static void catch_signals(void) {
     sigaction(SIGTERM, &sa, NULL);
 }
 
-static kd_status mkdirs(const char *path) {
+kd_status cli_mkdirs(const char *path) {
     char buf[4096];
     snprintf(buf, sizeof buf, "%s", path);
     for (char *p = buf + 1; *p; p++) {
@@ -597,7 +597,7 @@ int cmd_run(int argc, char **argv) {
             st = kd_config_error(cfg, "run", "name", "must be a plain name, not a path");
         snprintf(dir, sizeof dir, "%s/%s", kd_config_str(cfg, "run", "out"), name);
     }
-    if (st == KD_OK) st = mkdirs(dir);
+    if (st == KD_OK) st = cli_mkdirs(dir);
     int lm = st == KD_OK && strncmp(kd_config_str(cfg, "data", "train"), "text", 4) == 0;
     int want_resume = cli_get(&run_cmd, "--resume") != NULL, quiet = cli_get(&run_cmd, "--quiet") != NULL;
     if (lm && want_resume)

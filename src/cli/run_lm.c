@@ -197,20 +197,15 @@ static kd_status write_summary(const char *dir, const lm_stage *st, int n, int t
     if (extra_seconds > 0) cJSON_AddNumberToObject(root, "seqkd_sampling_seconds", extra_seconds);
     cJSON_AddNumberToObject(root, "threads", threads);
     kd_report_add_machine(root);
-    char *txt = cJSON_Print(root);
-    char path[4200], tmp[4300];
-    snprintf(path, sizeof path, "%s/summary.json", dir);
-    snprintf(tmp, sizeof tmp, "%s.tmp.%d", path, (int)getpid());
-    FILE *f = fopen(tmp, "w");
-    kd_status s = KD_OK;
-    if (!f || fprintf(f, "%s\n", txt) < 0 || fflush(f) != 0 || fsync(fileno(f)) != 0) s = KD_EIO;
-    if (f && fclose(f) != 0) s = KD_EIO;
-    if (s == KD_OK && rename(tmp, path) != 0) s = KD_EIO;
-    if (s != KD_OK) {
-        remove(tmp);
-        s = kd_errorf(KD_EIO, "%s: write failed: %s", path, strerror(errno));
-    }
+    char *txt = cJSON_Print(root), path[4200];
+    size_t L = strlen(txt);
+    char *text = kd_malloc(L + 1);
+    memcpy(text, txt, L);
+    text[L] = '\n';
     cJSON_free(txt);
+    snprintf(path, sizeof path, "%s/summary.json", dir);
+    kd_status s = kd_write_atomic(path, text, L + 1);
+    free(text);
     cJSON_Delete(root);
     return s;
 }
@@ -310,17 +305,9 @@ int cli_run_lm(const kd_config *cfg, const char *dir, int threads, kd_log *log) 
             char *slash = strrchr(tdir, '/');
             if (slash) {
                 *slash = '\0';
-                char cmd_dir[4300];
-                snprintf(cmd_dir, sizeof cmd_dir, "%s", tdir);
-                for (char *p = cmd_dir + 1; *p; p++)
-                    if (*p == '/') {
-                        *p = '\0';
-                        mkdir(cmd_dir, 0755);
-                        *p = '/';
-                    }
-                mkdir(cmd_dir, 0755);
+                st = cli_mkdirs(tdir);
             }
-            st = copy_file(tpath, tck);
+            if (st == KD_OK) st = copy_file(tpath, tck);
         }
     } else {
         ns--; /* cached and no teacher checkpoint: nothing to report */

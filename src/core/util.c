@@ -5,10 +5,13 @@
  * kd_status; only the CLI prints it. Allocation failure is not a user error
  * we can recover from in a training tool, so it aborts with a message.
  */
+#include <errno.h>
+#include <fcntl.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "kd.h"
 
@@ -130,4 +133,38 @@ const char *kd_shape_str(int ndim, const int *shape, char *buf, size_t n) {
     for (int i = 0; i < ndim && k < n; i++) k += (size_t)snprintf(buf + k, n - k, i ? ", %d" : "%d", shape[i]);
     if (k < n) snprintf(buf + k, n - k, ")");
     return buf;
+}
+
+kd_status kd_write_atomic(const char *path, const void *data, size_t n) {
+    size_t tlen = strlen(path) + 32;
+    char *tmp = kd_malloc(tlen);
+    snprintf(tmp, tlen, "%s.tmp.%ld", path, (long)getpid());
+    kd_status st = KD_OK;
+    FILE *f = fopen(tmp, "wb");
+    if (!f) {
+        st = kd_errorf(KD_EIO, "%s: cannot create %s: %s", path, tmp, strerror(errno));
+    } else {
+        const char *what = NULL;
+        int err = 0;
+        if (fwrite(data, 1, n, f) != n) what = "write failed", err = errno;
+        if (!what && fflush(f) != 0) what = "write failed", err = errno;
+        if (!what && fsync(fileno(f)) != 0) what = "fsync failed", err = errno;
+        if (fclose(f) != 0 && !what) what = "close failed", err = errno;
+        if (!what && rename(tmp, path) != 0) what = "rename failed", err = errno;
+        if (what) {
+            unlink(tmp);
+            st = kd_errorf(KD_EIO, "%s: %s: %s", path, what, strerror(err ? err : EIO));
+        } else { /* best effort: make the rename itself durable */
+            const char *slash = strrchr(path, '/');
+            char *dir = slash ? strndup(path, slash == path ? 1 : (size_t)(slash - path)) : strdup(".");
+            int fd = dir ? open(dir, O_RDONLY | O_DIRECTORY) : -1;
+            if (fd >= 0) {
+                (void)fsync(fd);
+                close(fd);
+            }
+            free(dir);
+        }
+    }
+    free(tmp);
+    return st;
 }

@@ -675,44 +675,14 @@ kd_status kd_tokenizer_load(kd_tokenizer *tok, const char *path) {
     return st;
 }
 
-/* Best effort: make the rename itself durable. */
-static void fsync_dir_of(const char *path) {
-    const char *slash = strrchr(path, '/');
-    char *dir = slash ? strndup(path, slash == path ? 1 : (size_t)(slash - path)) : strdup(".");
-    if (!dir) return;
-    int fd = open(dir, O_RDONLY | O_DIRECTORY);
-    if (fd >= 0) {
-        (void)fsync(fd);
-        close(fd);
-    }
-    free(dir);
-}
-
 kd_status kd_tokenizer_save(const kd_tokenizer *tok, const char *path) {
     char *js = kd_tokenizer_to_json(tok);
-    size_t tlen = strlen(path) + 32, len = strlen(js);
-    char *tmp = kd_malloc(tlen);
-    snprintf(tmp, tlen, "%s.tmp.%ld", path, (long)getpid());
-    kd_status st = KD_OK;
-    FILE *f = fopen(tmp, "wb");
-    if (!f) {
-        st = kd_errorf(KD_EIO, "%s: cannot create %s: %s", path, tmp, strerror(errno));
-    } else {
-        const char *what = NULL;
-        int err = 0;
-        if (fwrite(js, 1, len, f) != len || fputc('\n', f) == EOF) what = "write failed", err = errno;
-        if (!what && fflush(f) != 0) what = "write failed", err = errno;
-        if (!what && fsync(fileno(f)) != 0) what = "fsync failed", err = errno;
-        if (fclose(f) != 0 && !what) what = "close failed", err = errno;
-        if (!what && rename(tmp, path) != 0) what = "rename failed", err = errno;
-        if (what) {
-            unlink(tmp);
-            st = kd_errorf(KD_EIO, "%s: %s: %s", path, what, strerror(err ? err : EIO));
-        } else {
-            fsync_dir_of(path);
-        }
-    }
-    free(tmp);
+    size_t len = strlen(js);
+    char *text = kd_malloc(len + 1);
+    memcpy(text, js, len);
+    text[len] = '\n';
     free(js);
+    kd_status st = kd_write_atomic(path, text, len + 1);
+    free(text);
     return st;
 }
