@@ -33,6 +33,12 @@ kd_status kd_dataset_load(const char *spec, kd_dataset *out);
 void kd_dataset_free(kd_dataset *ds);
 /* Keeps the first n examples (n <= 0 or n >= ds->n: no change). */
 void kd_dataset_limit(kd_dataset *ds, int n);
+/* Maps every label l to map[l] (e.g. Fashion-MNIST's 10 classes onto 2:
+ * "0 0 0 0 0 1 1 1 1 1"); n_classes becomes 1 + the largest entry. Needs an
+ * entry for every class, and every new class in 0..max must be produced. */
+kd_status kd_dataset_relabel(kd_dataset *ds, const int *map, int n_map);
+/* Parses "0 0 1 1 ..." (spaces or commas) into map (at most cap entries). */
+kd_status kd_label_map_parse(const char *s, int *map, int cap, int *n);
 
 typedef struct kd_loader_opts {
     int batch;

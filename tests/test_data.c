@@ -158,7 +158,33 @@ static int epoch_order(kd_loader *ld, int epoch, int *order, int n_max, int batc
 
 /* ---------------------------------------------------------------- tests */
 
+/* [data] label_map: labels move, n_classes follows, bad maps are refused */
+static void test_relabel(void) {
+    kd_dataset ds;
+    make_memory_set(&ds, 50, 4, 4);
+    int map[16], n = 0;
+    CHECK(kd_label_map_parse("2, 2 1 1 0,0 2", map, 16, &n) == KD_OK && n == 7);
+    CHECK(kd_dataset_relabel(&ds, map, n) == KD_OK);
+    CHECK(ds.n_classes == 3);
+    int ok = 1;
+    for (int i = 0; i < ds.n; i++) ok &= ds.labels[i] == map[i % 7];
+    CHECK(ok);
+    CHECK(kd_label_map_parse("0 1 x", map, 16, &n) == KD_ECONFIG);
+    CHECK(kd_label_map_parse("0 1 300", map, 16, &n) == KD_ECONFIG);
+    CHECK(kd_label_map_parse("0 1 2", map, 2, &n) == KD_ECONFIG);
+    kd_dataset_free(&ds);
+    make_memory_set(&ds, 50, 4, 4);
+    int few[3] = {0, 1, 0};
+    CHECK(kd_dataset_relabel(&ds, few, 3) == KD_ECONFIG); /* 7 classes need 7 entries */
+    CHECK(strstr(kd_error_message(), "label map has 3 entries for 7 classes") != NULL);
+    int gap[7] = {0, 0, 2, 2, 2, 2, 2};
+    CHECK(kd_dataset_relabel(&ds, gap, 7) == KD_ECONFIG); /* class 1 never produced */
+    CHECK(ds.labels[3] == 3 && ds.n_classes == 7);        /* ... and nothing changed */
+    kd_dataset_free(&ds);
+}
+
 void test_data(void) {
+    test_relabel();
     char ip[512], lp[512], ipz[512], lpz[512];
 
     /* a small set: 5 images of 3x4, labels with max 3 */

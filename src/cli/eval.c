@@ -16,6 +16,7 @@ static cli_opt eval_opts[] = {
     {"--threads", "N", "threads (default: all cores)", NULL},
     {"--model", "SPEC", "model spec, for a checkpoint without distill's metadata (PyTorch)", NULL},
     {"--names", "MAP", "the checkpoint's names: auto, THEIRS=OURS,... or @FILE (docs/interop.md)", NULL},
+    {"--label-map", "MAP", "new label of each class, as [data] label_map (\"0 0 0 0 0 1 1 1 1 1\")", NULL},
     {"--logits", "FILE", "also write the logits (N,K) and labels (N) as safetensors", NULL},
     {"--val", "F", "language models: the validation fraction of the run (default 0.05)", NULL},
     {"--seq", "T", "language models: window length (default: the model's context)", NULL},
@@ -160,6 +161,12 @@ int cmd_eval(int argc, char **argv) {
     else
         st = kd_checkpoint_info_read(pos[0], &info);
     if (st == KD_OK) st = kd_dataset_load(spec, &ds);
+    if (st == KD_OK && cli_get(&eval_cmd, "--label-map")) {
+        int map[256], n = 0;
+        st = kd_label_map_parse(cli_get(&eval_cmd, "--label-map"), map, 256, &n);
+        if (st == KD_OK) st = kd_dataset_relabel(&ds, map, n);
+        if (st != KD_OK) st = kd_error_prefix(st, "--label-map");
+    }
     if (st == KD_OK && !found) { /* no metadata: the data says what the model sees */
         info.classes = ds.n_classes;
         info.c = ds.c, info.h = ds.h, info.w = ds.w;

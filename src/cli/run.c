@@ -153,6 +153,20 @@ static kd_status load_data(const kd_config *c, kd_dataset *train, kd_dataset *te
     }
     kd_dataset_limit(train, limit);
     kd_dataset_limit(test, tlimit);
+    const char *lm = kd_config_str(c, "data", "label_map");
+    if (*lm) {
+        int map[256], n = 0;
+        st = kd_label_map_parse(lm, map, 256, &n);
+        if (st == KD_OK) st = kd_dataset_relabel(train, map, n);
+        if (st == KD_OK) st = kd_dataset_relabel(test, map, n);
+        if (st != KD_OK) {
+            char why[512];
+            snprintf(why, sizeof why, "%s", kd_error_message());
+            kd_dataset_free(train);
+            kd_dataset_free(test);
+            return kd_config_error(c, "data", "label_map", "%s", why);
+        }
+    }
     if (test->h != train->h || test->w != train->w || test->c != train->c) {
         kd_dataset_free(train);
         kd_dataset_free(test);

@@ -309,3 +309,41 @@ void kd_dataset_limit(kd_dataset *ds, int n) {
     if (n <= 0 || n >= ds->n) return;
     ds->n = n;
 }
+
+kd_status kd_dataset_relabel(kd_dataset *ds, const int *map, int n_map) {
+    if (n_map < ds->n_classes)
+        return kd_errorf(KD_ECONFIG, "%s: label map has %d entries for %d classes", ds->name, n_map, ds->n_classes);
+    int k = 0;
+    for (int i = 0; i < n_map; i++) {
+        if (map[i] < 0 || map[i] > 255)
+            return kd_errorf(KD_ECONFIG, "%s: label map entry %d is %d (must be in 0..255)", ds->name, i, map[i]);
+        if (map[i] + 1 > k) k = map[i] + 1;
+    }
+    /* every label in 0..k-1 must be the image of some class */
+    for (int c = 0; c < k; c++) {
+        int hit = 0;
+        for (int i = 0; i < n_map && !hit; i++) hit = map[i] == c;
+        if (!hit) return kd_errorf(KD_ECONFIG, "%s: label map never produces class %d (labels must be 0..%d)", ds->name, c, k - 1);
+    }
+    for (int i = 0; i < ds->n; i++) ds->labels[i] = (uint8_t)map[ds->labels[i]];
+    ds->n_classes = k;
+    return KD_OK;
+}
+
+kd_status kd_label_map_parse(const char *s, int *map, int cap, int *n) {
+    *n = 0;
+    const char *p = s;
+    while (*p) {
+        while (*p == ' ' || *p == ',' || *p == '\t') p++;
+        if (!*p) break;
+        char *end;
+        long v = strtol(p, &end, 10);
+        if (end == p || (*end && *end != ' ' && *end != ',' && *end != '\t'))
+            return kd_errorf(KD_ECONFIG, "label map '%s': '%.16s' is not an integer", s, p);
+        if (*n >= cap) return kd_errorf(KD_ECONFIG, "label map '%s': more than %d entries", s, cap);
+        if (v < 0 || v > 255) return kd_errorf(KD_ECONFIG, "label map '%s': %ld is out of range 0..255", s, v);
+        map[(*n)++] = (int)v;
+        p = end;
+    }
+    return KD_OK;
+}

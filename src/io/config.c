@@ -39,6 +39,8 @@ static const entry schema[] = {
     {"data", "flip", T_BOOL, "0", "random horizontal flip"},
     {"data", "labeled", T_INT, "0",
      "only the first N training examples keep labels; the rest are an unlabelled transfer set (0: all labelled)"},
+    {"data", "label_map", T_STR, "",
+     "new label of each class, in class order (\"0 0 0 0 0 1 1 1 1 1\": Fashion-MNIST as 0-4 vs 5-9); empty: as stored"},
     {"teacher", "model", T_STR, "cnn: c32 c32 p c64 c64 p f256 d0.3", "teacher model spec (docs/models.md)"},
     {"teacher", "checkpoint", T_STR, "", "load the teacher from here if the file exists, else train and save it here"},
     {"teacher", "names", T_STR, "",
