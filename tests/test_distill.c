@@ -32,7 +32,11 @@ static void spec_parser(void) {
                                 {"kd(T=4, T=2)", "twice"},
                                 {"ce kd", "'+'"},
                                 {"kd(=4)", "argument name"},
-                                {"kd(T=)", "value"}};
+                                {"kd(T=)", "value"},
+                                {"kd(T=4, aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa=1)", "argument name too long"},
+                                {"fitnet(s=b1+b2+b3+b4+b5+b6+b7+b8+b9+b10+b11+b12+b13+b14+b15+b16+b17+b18+b19+b20+b21+"
+                                 "b22+b23+b24+b25+b26+b27+b28+b29+b30+b31+b32+b33)",
+                                 "value longer than"}};
         for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
             kd_loss_spec s;
             kd_status st = kd_loss_spec_parse(bad[i][0], &s);
