@@ -30,6 +30,10 @@ endif
 ifneq ($(OMP),0)
 CFLAGS  += -fopenmp
 LDFLAGS += -fopenmp
+else
+# without OpenMP the pragmas are plain serial loops, and a thread count
+# that only feeds a num_threads() clause is an unused parameter
+CFLAGS  += -Wno-unknown-pragmas -Wno-unused-parameter
 endif
 BUILD   := build
 ifeq ($(SANITIZE),1)
