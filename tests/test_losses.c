@@ -252,8 +252,8 @@ static void ref_non_target(double *q, const double *p, int K, int y) {
 
 /* one row's term before averaging (divergence: before `scale`) */
 static double ref_row(const lcase *c, const double *zs, const double *zt, int K, int y) {
-    double p[64], q[64], m[64], a[64], b[64];
-    KD_ASSERT(K <= 64, "reference row too long");
+    double p[512], q[512], m[512], a[512], b[512];
+    KD_ASSERT(K <= 512, "reference row too long");
     double T = c->f[0], prm = c->f[1], r = 0.0;
     switch (c->op) {
     case KD_OP_DIVERGENCE:
@@ -470,6 +470,22 @@ static void test_reference(void) {
         for (int c = 0; c < N_CASES; c++)
             for (int p = 0; p < 3; p++) check_ref(&CASES[c], &P[p], what[p]);
         for (int p = 0; p < 3; p++) prob_free(&P[p]);
+    }
+    TEST("values and gradients against the double reference, vocabulary-sized rows (fkl/rkl float path)") {
+        /* K >= 128 takes the vectorised float path in fkl/rkl (logit.c) */
+        int s1[2] = {5, 300}, s2[3] = {2, 2, 257};
+        prob P[2] = {prob_new(2, s1, 0, 3), prob_new(3, s2, 0, 3)};
+        const char *what[2] = {"(5,300) masked", "(2,2,257) masked"};
+        for (int c = 0; c < N_CASES; c++)
+            for (int p = 0; p < 2; p++) check_ref(&CASES[c], &P[p], what[p]);
+        /* finite differences of the float path (the other losses' wide-row
+         * gradients are checked against the double reference above) */
+        for (int c = 0; c < N_CASES; c++) {
+            if (CASES[c].op != KD_OP_DIVERGENCE || (CASES[c].kind != KD_DIV_FKL && CASES[c].kind != KD_DIV_RKL)) continue;
+            double err = gc_run(&CASES[c], &P[1], 1e-2);
+            CHECK_MSG(err < GC_TOL, "%s on (2,2,257): gradient error %.3g", CASES[c].name, err);
+        }
+        for (int p = 0; p < 2; p++) prob_free(&P[p]);
     }
     TEST("values and gradients against the double reference, |z| ~ 50") {
         int s1[2] = {6, 9};

@@ -39,7 +39,7 @@ static cli_cmd cache_cmd = {
                 "  distill cache runs/fashion_teacher/teacher.safetensors --views 8 --crop 2 --flip 1 --out runs/aug.cache\n"
                 "  distill cache runs/lm_teacher/teacher.safetensors --data text --topk 16 --out runs/lm_top16.cache\n",
     .opts = cache_opts,
-    .n_opts = 15,
+    .n_opts = (int)(sizeof cache_opts / sizeof cache_opts[0]),
 };
 
 static kd_status opt_int(const char *name, int lo, int hi, int def, int *out) {

@@ -16,7 +16,7 @@ static cli_cmd export_cmd = {
     .examples = "  distill export runs/fashion_kd/student.safetensors --c out/\n  cc -O2 -c out/model.c\n"
                 "  distill export runs/fashion_kd/student.safetensors --c out8/ --int8\n",
     .opts = export_opts,
-    .n_opts = 2,
+    .n_opts = (int)(sizeof export_opts / sizeof export_opts[0]),
 };
 
 int cmd_export(int argc, char **argv) {

@@ -27,7 +27,7 @@ static cli_cmd loss_cmd = {
     .examples = "  distill loss \"ce(weight=0.1) + kd(T=4, weight=0.9)\" --in batch.safetensors --out grads.safetensors\n"
                 "  distill loss \"dkd(alpha=1, beta=8, T=4)\" --in x.safetensors --out y.safetensors\n",
     .opts = loss_opts,
-    .n_opts = 3,
+    .n_opts = (int)(sizeof loss_opts / sizeof loss_opts[0]),
 };
 
 /* Creates a node for tensor `name` if the file has it: student tensors as

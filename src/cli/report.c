@@ -19,7 +19,7 @@ static cli_cmd report_cmd = {
     .examples = "  distill report runs/quickstart\n"
                 "  distill report runs/kd_T1 runs/kd_T4 --out compare.html\n",
     .opts = report_opts,
-    .n_opts = 1,
+    .n_opts = (int)(sizeof report_opts / sizeof report_opts[0]),
 };
 
 enum { MAX_RUNS = 64 };

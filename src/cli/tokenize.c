@@ -25,7 +25,7 @@ static cli_cmd tokenize_cmd = {
     .examples = "  distill tokenize --data text:/usr/share/games/fortunes --vocab 1024 --out runs/tok.json\n"
                 "  distill tokenize --data text:corpus.txt --vocab 512 --val 0.1 --out tok.json\n",
     .opts = tokenize_opts,
-    .n_opts = 4,
+    .n_opts = (int)(sizeof tokenize_opts / sizeof tokenize_opts[0]),
 };
 
 static double now_s(void) {

@@ -21,7 +21,9 @@ static kd_status lastdim_infer(kd_node *n) {
     return KD_OK;
 }
 
-/* y (R,K) = softmax(x (R,K)); also returns nothing else */
+/* y (R,K) = softmax(x (R,K)), or log-softmax with log_out. exp by the
+ * vectorised kd_exp_vec (relative error <= 7.9e-8, as expf); the row sum in
+ * double, in a fixed (vector-width) order independent of the thread count. */
 static void softmax_rows(float *y, const float *x, int R, int K, int log_out) {
 #pragma omp parallel for if ((int64_t)R * K > 32768) schedule(static)
     for (int r = 0; r < R; r++) {
@@ -30,13 +32,14 @@ static void softmax_rows(float *y, const float *x, int R, int K, int log_out) {
         float m = xr[0];
         for (int k = 1; k < K; k++) m = xr[k] > m ? xr[k] : m;
         double s = 0.0;
-        for (int k = 0; k < K; k++) s += exp((double)xr[k] - m);
+#pragma omp simd reduction(+ : s)
+        for (int k = 0; k < K; k++) s += (double)kd_exp_vec(xr[k] - m);
         if (log_out) {
             double lse = m + log(s); /* double: rounding m + log(s) to float costs digits when |m| is large */
-            for (int k = 0; k < K; k++) yr[k] = xr[k] - lse;
+            for (int k = 0; k < K; k++) yr[k] = (float)((double)xr[k] - lse);
         } else {
             float inv = (float)(1.0 / s);
-            for (int k = 0; k < K; k++) yr[k] = expf(xr[k] - m) * inv;
+            for (int k = 0; k < K; k++) yr[k] = kd_exp_vec(xr[k] - m) * inv;
         }
     }
 }
@@ -80,7 +83,8 @@ static void log_softmax_backward(kd_node *n, const kd_ctx *ctx) {
         size_t o = (size_t)r * K;
         double s = 0.0;
         for (int k = 0; k < K; k++) s += dy[o + k];
-        for (int k = 0; k < K; k++) dx[o + k] += dy[o + k] - expf(y[o + k]) * (float)s;
+        float sf = (float)s;
+        for (int k = 0; k < K; k++) dx[o + k] += dy[o + k] - kd_exp_vec(y[o + k]) * sf;
     }
 }
 
@@ -144,15 +148,14 @@ static void ce_backward(kd_node *n, const kd_ctx *ctx) {
     int kept = (int)logp[(size_t)R * K];
     if (!kept) return;
     float g = n->grad.data[0] / (float)kept, eps = n->fp[0];
-    float *dz = n->in[0]->grad.data;
+    float *dz = n->in[0]->grad.data, base = eps / (float)K;
+#pragma omp parallel for if ((int64_t)R * K > 32768) schedule(static)
     for (int r = 0; r < R; r++) {
         int y = (int)lab[r];
         if (y < 0) continue;
         size_t o = (size_t)r * K;
-        for (int k = 0; k < K; k++) {
-            float t = (k == y ? 1.0f - eps : 0.0f) + eps / (float)K;
-            dz[o + k] += g * (expf(logp[o + k]) - t);
-        }
+        for (int k = 0; k < K; k++) dz[o + k] += g * (kd_exp_vec(logp[o + k]) - base);
+        dz[o + y] -= g * (1.0f - eps);
     }
 }
 
