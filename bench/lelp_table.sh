@@ -12,7 +12,7 @@
 # as a markdown table.
 #   bench/lelp_table.sh [SEEDS...]            (default seeds: 0 1 2)
 #   env: OUT=runs/lelp_table THREADS=1 LIMIT=2000 EPOCHS=30
-#        TEACHER_LIMIT=20000 TEACHER_EPOCHS=4 S=5 LELP_T=1
+#        TEACHER_LIMIT=60000 TEACHER_EPOCHS=3 S=5 LELP_T=1
 #        KD="ce(weight=0.5) + kd(T=4, weight=0.5)"     the KD row's loss
 #        LELP_LOSS="ce(weight=0.5) + kd(T=1, weight=0.5)"  the LELP rows' loss (kd
 #        against the pseudo-subclass targets, ce on the summed class logits)
@@ -25,8 +25,8 @@ OUT=${OUT:-runs/lelp_table}
 T=${THREADS:-1}
 LIMIT=${LIMIT:-2000}
 EPOCHS=${EPOCHS:-30}
-TEACHER_LIMIT=${TEACHER_LIMIT:-20000}
-TEACHER_EPOCHS=${TEACHER_EPOCHS:-4}
+TEACHER_LIMIT=${TEACHER_LIMIT:-60000}
+TEACHER_EPOCHS=${TEACHER_EPOCHS:-3}
 S=${S:-5}
 LELP_T=${LELP_T:-1}
 TEACHER_MODEL="cnn: c32 p c64 p f256 d0.3"
