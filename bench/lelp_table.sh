@@ -4,8 +4,9 @@
 # a CNN teacher trained here on the first TEACHER_LIMIT training images,
 # and an MLP student that sees only the first LIMIT of them (the setting
 # where a teacher has something to add). Rows, each over seeds:
-#   CE (the baseline stage of the KD runs), KD, LELP S=5, LELP without the
-#   null-space projection, LELP without the rotation.
+#   CE (the baseline stage of the KD runs), KD (T=4), KD at the LELP rows'
+#   temperature (T=1), LELP S=5, LELP without the null-space projection,
+#   LELP without the rotation.
 # Students train without augmentation (LELP's targets are per stored image);
 # the teacher with crop 2 + flip. One teacher (seed 0) teaches every seed.
 # Prints mean ± std of the last-epoch test accuracy (binary, full test set)
@@ -14,6 +15,7 @@
 #   env: OUT=runs/lelp_table THREADS=1 LIMIT=2000 EPOCHS=30
 #        TEACHER_LIMIT=60000 TEACHER_EPOCHS=3 S=5 LELP_T=1
 #        KD="ce(weight=0.5) + kd(T=4, weight=0.5)"     the KD row's loss
+#        KD1="ce(weight=0.5) + kd(T=1, weight=0.5)"    the second KD row (same terms as LELP)
 #        LELP_LOSS="ce(weight=0.5) + kd(T=1, weight=0.5)"  the LELP rows' loss (kd
 #        against the pseudo-subclass targets, ce on the summed class logits)
 # Runs whose summary.json exists are not run again; change OUT when you
@@ -33,6 +35,7 @@ TEACHER_MODEL="cnn: c32 p c64 p f256 d0.3"
 STUDENT="mlp: 128"
 MAP="0 0 0 0 0 1 1 1 1 1"
 KD=${KD:-ce(weight=0.5) + kd(T=4, weight=0.5)}
+KD1=${KD1:-ce(weight=0.5) + kd(T=1, weight=0.5)}
 LELP_LOSS=${LELP_LOSS:-ce(weight=0.5) + kd(T=1, weight=0.5)}
 TEACHER=$OUT/teacher/teacher.safetensors
 mkdir -p "$OUT"
@@ -61,15 +64,16 @@ run() { # NAME ARGS...: one run unless it is already done
 }
 for s in $SEEDS; do
   run "kd_s$s" --run.seed="$s" --distill.baseline=1 --distill.loss="$KD"
+  run "kd1_s$s" --run.seed="$s" --distill.baseline=0 --distill.loss="$KD1"
   for m in "${METHODS[@]}"; do
     name=${m%%|*}; rest=${m#*|}; args=${rest#*|}
     # shellcheck disable=SC2086
     run "${name}_s$s" --run.seed="$s" --distill.baseline=0 --distill.loss="$LELP_LOSS" $args
   done
 done
-python3 - "$OUT" "$EPOCHS" "$LIMIT" "$STUDENT" "$TEACHER_MODEL" "$KD" "$LELP_LOSS" $SEEDS <<'PY'
+python3 - "$OUT" "$EPOCHS" "$LIMIT" "$STUDENT" "$TEACHER_MODEL" "$KD" "$LELP_LOSS" "$KD1" $SEEDS <<'PY'
 import json, statistics, sys
-out, epochs, limit, student, teacher, kd, lelp_loss, seeds = sys.argv[1:8] + [sys.argv[8:]]
+out, epochs, limit, student, teacher, kd, lelp_loss, kd1, seeds = sys.argv[1:9] + [sys.argv[9:]]
 def summ(name, role):
     return [json.load(open(f"{out}/{name}_s{s}/summary.json"))[role] for s in seeds]
 def row(label, objs, base=None):
@@ -84,6 +88,7 @@ print(f"Fashion-MNIST as 0-4 vs 5-9. Teacher `{teacher}` ({t['test_acc'] * 100:.
 print("| method | test acc % (mean ± std) | vs CE | per seed |\n|---|---|---|---|")
 line, base = row("CE (`ce`)", summ("kd", "baseline")); print(line)
 line, _ = row(f"KD (`{kd}`)", summ("kd", "student"), base); print(line)
+line, _ = row(f"KD at T=1 (`{kd1}`)", summ("kd1", "student"), base); print(line)
 for name, label, _args in [l.split("|", 2) for l in open(f"{out}/methods.txt").read().strip().splitlines()]:
     line, _ = row(f"{label} (`{lelp_loss}`)", summ(name, "student"), base); print(line)
 PY
