@@ -280,7 +280,7 @@ kd_status kd_lelp_fit(kd_lelp *l, const float *h, const int *labels, int N, int 
     kd_rng rng;
     kd_rng_seed(&rng, o->seed);
     double *cov = kd_malloc((size_t)D * D * sizeof(double)), *ev = kd_malloc((size_t)D * sizeof(double));
-    double *vec = kd_malloc((size_t)D * D * sizeof(double)), *x = kd_malloc((size_t)D * sizeof(double));
+    double *vec = kd_malloc((size_t)D * D * sizeof(double));
     double *m = kd_malloc((size_t)S * S * sizeof(double)), *r = kd_malloc((size_t)S * S * sizeof(double));
     kd_status st = KD_OK;
     for (int k = 0; k < K && st == KD_OK; k++) {
@@ -346,7 +346,6 @@ kd_status kd_lelp_fit(kd_lelp *l, const float *h, const int *labels, int N, int 
     free(cov);
     free(ev);
     free(vec);
-    free(x);
     free(m);
     free(r);
     if (st != KD_OK) kd_lelp_free(l);
