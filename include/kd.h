@@ -342,6 +342,8 @@ enum {
     KD_OP_GRAM_DIST,
     KD_OP_CKA,
     KD_OP_DCD,
+    /* LELP (src/distill/lelp.c) */
+    KD_OP_GROUP_LSE,
     KD_OP_COUNT
 };
 

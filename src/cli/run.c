@@ -22,6 +22,7 @@
 #include "cli/run_progress.h"
 #include "kd_cache.h"
 #include "kd_config.h"
+#include "kd_lelp.h"
 #include "kd_report.h"
 #include "kd_train.h"
 
@@ -418,6 +419,72 @@ static kd_status run_distill(const kd_distill_setup *setup, const char *const *c
     return st;
 }
 
+/* LELP (docs/losses/lelp.md): the teacher's pseudo-subclass targets of
+ * every training example, computed once, then the student with an S*K-way
+ * head trained on them (the batch hook copies each row's targets). */
+typedef struct lelp_hook {
+    kd_distiller *d;
+    const float *logq;
+    int KS;
+} lelp_hook;
+
+static kd_status fill_lelp(void *ctx, int epoch, const int *aug, int B) {
+    (void)epoch;
+    lelp_hook *h = ctx;
+    kd_lelp_fill(h->d->t_logits->val.data, h->logq, h->KS, aug, B);
+    return KD_OK;
+}
+
+static kd_status run_lelp(const kd_config *cfg, const char *tspec, const char *tckpt, const kd_train_opts *base,
+                          const kd_dataset *train, const kd_dataset *test, run_ctx *rc, stage *out) {
+    kd_log *log = rc->log;
+    const char *sspec = kd_config_str(cfg, "student", "model"), *loss = kd_config_str(cfg, "distill", "loss");
+    kd_lelp_opts lo = {.S = kd_config_int(cfg, "distill", "lelp"),
+                       .T = (float)kd_config_float(cfg, "distill", "lelp_T"),
+                       .null_proj = kd_config_int(cfg, "distill", "lelp_null"),
+                       .rotate = kd_config_int(cfg, "distill", "lelp_rotate"),
+                       .seed = kd_hash64(base->seed ^ 0x4c454c50u)};
+    int KS = train->n_classes * lo.S;
+    float *logq = kd_malloc((size_t)train->n * KS * sizeof(float));
+    kd_lelp fit;
+    kd_status st = kd_lelp_teacher_targets(logq, tspec, tckpt, train, base->batch, &lo, &fit);
+    if (st == KD_OK) {
+        for (int k = 0; k < fit.K; k++)
+            kd_log_info(log, "LELP class %d: %d examples, %d directions hold %.1f%% of the%s variance", k, fit.count[k],
+                        lo.S, 100.0 * fit.explained[k], lo.null_proj ? " null-space" : "");
+        kd_lelp_free(&fit);
+    }
+    kd_distiller d;
+    if (st == KD_OK) st = kd_lelp_distiller_build(&d, sspec, loss, train, lo.S, base->batch, base->seed);
+    if (st != KD_OK) {
+        free(logq);
+        return st;
+    }
+    snprintf(out->role, sizeof out->role, "student");
+    snprintf(out->spec, sizeof out->spec, "%s", sspec);
+    out->params = kd_model_params(d.c.g, &d.c.m);
+    out->ran = 1;
+    kd_log_info(log, "student %s, LELP S=%d T=%g null=%d rotate=%d, loss %s, taught by %s", sspec, lo.S, (double)lo.T,
+                lo.null_proj, lo.rotate, loss, tckpt);
+    lelp_hook hk = {.d = &d, .logq = logq, .KS = KS};
+    kd_train_opts o = *base;
+    o.role = out->role;
+    o.terms = &d.loss;
+    o.batch_hook = fill_lelp;
+    o.hook_ctx = &hk;
+    stage_opts(rc, &o);
+    st = kd_train_classifier(&d.c, train, test, &o, log, &out->tr);
+    char path[4200];
+    snprintf(path, sizeof path, "%s/student.safetensors", rc->dir);
+    kd_model sm = d.c.m; /* saved with its S*K-way head: classes = K*S in the metadata */
+    sm.logits = kd_lelp_sub_logits(&d);
+    if (st == KD_OK) st = kd_checkpoint_save(d.c.g, &sm, train, path);
+    if (st == KD_OK) st = progress_done(&rc->prog, out, (const char *[]){"student.safetensors"}, 1, log->metrics);
+    kd_distiller_free(&d);
+    free(logq);
+    return st;
+}
+
 /* Accuracy of an ensemble: the weighted mean of the teachers' logits. */
 static kd_status eval_ensemble(const kd_distill_setup *s, const char *const *ckpts, const kd_dataset *train,
                                const kd_dataset *test, int batch, stage *out) {
@@ -590,6 +657,20 @@ int cmd_run(int argc, char **argv) {
     if (st == KD_OK && kd_config_int(cfg, "distill", "baseline_epochs") < 0)
         st = kd_config_error(cfg, "distill", "baseline_epochs", "must be >= 0");
     const char *sspec = st == KD_OK ? kd_config_str(cfg, "student", "model") : "";
+    int lelp = st == KD_OK ? kd_config_int(cfg, "distill", "lelp") : 0;
+    if (st == KD_OK && (lelp < 0 || lelp > 64)) st = kd_config_error(cfg, "distill", "lelp", "must be in [0, 64]");
+    if (st == KD_OK && lelp && !(kd_config_float(cfg, "distill", "lelp_T") > 0))
+        st = kd_config_error(cfg, "distill", "lelp_T", "must be positive");
+    if (st == KD_OK && lelp && (kd_config_int(cfg, "data", "crop") || kd_config_int(cfg, "data", "flip")))
+        st = kd_config_error(cfg, "distill", "lelp",
+                             "LELP targets are computed once per stored image: set [data] crop = 0 and flip = 0");
+    if (st == KD_OK && lelp &&
+        (kd_config_int(cfg, "distill", "mutual") || *kd_config_str(cfg, "teacher", "cache") ||
+         *kd_config_str(cfg, "teacher", "ensemble") || *kd_config_str(cfg, "assistant", "model") ||
+         kd_config_int(cfg, "distill", "generations") != 1))
+        st = kd_config_error(cfg, "distill", "lelp",
+                             "LELP needs one teacher model and one student: no mutual, cache, ensemble, assistant or "
+                             "generations");
     if (st == KD_OK && *sspec) { /* catch a bad loss spec before any training */
         kd_loss_spec ls;
         st = kd_loss_spec_parse(kd_config_str(cfg, "distill", "loss"), &ls);
@@ -767,7 +848,9 @@ int cmd_run(int argc, char **argv) {
                     st = kd_errorf(KD_EFORMAT, "%s/progress.json: the student is recorded without its peer", dir);
                 skip = 1;
             }
-            if (st == KD_OK && !skip)
+            if (st == KD_OK && !skip && lelp)
+                st = run_lelp(cfg, tset.teachers[0], tckpts[0], &to, &train, &test, &rc, &stages[at]);
+            else if (st == KD_OK && !skip)
                 st = run_distill(&ss, tckpts, cached ? &cache : NULL, &to, &train, &test, &rc, "student", "student",
                                  &stages[at], mutual ? &stages[ns] : NULL);
             if (mutual) ns++;

@@ -63,6 +63,12 @@ static const entry schema[] = {
      "born-again: after the student, distil N-1 more generations, each taught by the previous one"},
     {"distill", "mutual", T_BOOL, "0", "deep mutual learning: the student and a peer teach each other (no teacher)"},
     {"distill", "peer", T_STR, "", "the peer's model spec for mutual learning (default: the student's)"},
+    {"distill", "lelp", T_INT, "0",
+     "LELP: S pseudo-subclasses per class from the teacher's embeddings; the student gets an S*K-way head (0: off; "
+     "docs/losses/lelp.md)"},
+    {"distill", "lelp_T", T_FLOAT, "1", "LELP: temperature of the softmax over a class's standardised PCA coordinates"},
+    {"distill", "lelp_null", T_BOOL, "1", "LELP: project the embeddings onto the null space of the teacher's head"},
+    {"distill", "lelp_rotate", T_BOOL, "1", "LELP: rotate the kept directions randomly, then to equal variances"},
     {"train", "epochs", T_INT, "15", "training epochs"},
     {"train", "batch", T_INT, "128", "batch size"},
     {"train", "optimizer", T_STR, "sgd", "sgd or adamw"},
