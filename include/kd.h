@@ -342,6 +342,8 @@ enum {
     KD_OP_GRAM_DIST,
     KD_OP_CKA,
     KD_OP_DCD,
+    /* teacher annealing (src/distill/anneal.c) */
+    KD_OP_ANNEAL_CE,
     KD_OP_COUNT
 };
 

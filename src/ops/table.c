@@ -69,4 +69,6 @@ const kd_op_def *const kd_ops[KD_OP_COUNT] = {
     [KD_OP_GRAM_DIST] = &kd_op_gram_dist,
     [KD_OP_CKA] = &kd_op_cka,
     [KD_OP_DCD] = &kd_op_dcd,
+    /* teacher annealing */
+    [KD_OP_ANNEAL_CE] = &kd_op_anneal_ce,
 };
