@@ -8,8 +8,8 @@
  *      `anneal` term's weight moves from teacher to gold labels per step);
  *   3. every task's test accuracy; DIR/student_TASK.safetensors per task
  *      (an ordinary checkpoint of the trunk and that task's head).
- * Writes metrics.jsonl lines (roles teacher_TASK and student; a final
- * "tasks" line per task) and summary.json. Not here: --resume (refused by
+ * Writes metrics.jsonl lines (roles teacher_TASK and student; after the
+ * last epoch one line per task, role student_TASK) and summary.json. Not here: --resume (refused by
  * run.c for these runs), caches, ensembles, assistants, mutual learning.
  */
 #include <cjson/cJSON.h>
@@ -251,8 +251,9 @@ kd_status cli_run_multitask(const kd_config *cfg, const kd_train_opts *base, con
             kd_log_info(log, "task '%s' (%d classes): test acc %.2f%%, test loss %.4f", tasks[k].name, tasks[k].classes,
                         100.0 * res[k].acc, res[k].loss);
             if (log->metrics)
-                fprintf(log->metrics, "{\"role\":\"student\",\"task\":\"%s\",\"test_loss\":%.6g,\"test_acc\":%.6g}\n",
-                        tasks[k].name, res[k].loss, res[k].acc);
+                fprintf(log->metrics,
+                        "{\"role\":\"student_%s\",\"epoch\":%d,\"step\":%lld,\"test_loss\":%.6g,\"test_acc\":%.6g}\n",
+                        tasks[k].name, mt.epochs, (long long)mt.epochs * mt.steps_per_epoch, res[k].loss, res[k].acc);
         }
         if (log->metrics) fflush(log->metrics);
         char path[4200];
