@@ -19,6 +19,7 @@
 # last-epoch test accuracy on the full 10k test set.
 #   bench/multitask_table.sh [SEEDS...]       (default seeds: 0 1 2)
 #   env: OUT=runs/multitask_table THREADS=1 EPOCHS=10 LIMIT=10000
+#        TEACHER_DIR=DIR (default: OUT) holding teacher_TASK/ runs (trained there if missing)
 # Runs whose summary.json exists are not run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,6 +28,7 @@ OUT=${OUT:-runs/multitask_table}
 T=${THREADS:-1}
 EPOCHS=${EPOCHS:-10}
 LIMIT=${LIMIT:-10000}
+TD=${TEACHER_DIR:-$OUT}
 TEACHER_MODEL="cnn: c16 p c32 p f128"
 STUDENT="mlp: 128"
 KD="ce(weight=0.5) + kd(T=1, weight=0.5)"
@@ -35,13 +37,13 @@ declare -A MAP=([fine]="0 1 2 3 4 5 6 7 8 9" [wear]="0 1 0 0 0 1 0 1 0 1" [tops]
 mkdir -p "$OUT"
 [ -x build/distill ] || { echo "build/distill missing: run make first" >&2; exit 1; }
 for t in "${TASKS[@]}"; do
-  if [ ! -f "$OUT/teacher_$t/summary.json" ]; then
+  if [ ! -f "$TD/teacher_$t/summary.json" ]; then
     echo "teacher of task $t" >&2
     build/distill run examples/fashion_teacher.ini --quiet --threads "$T" --teacher.model="$TEACHER_MODEL" \
-      --train.epochs=3 --data.label_map="${MAP[$t]}" --run.out="$OUT" --run.name="teacher_$t" > /dev/null
+      --train.epochs=3 --data.label_map="${MAP[$t]}" --run.out="$TD" --run.name="teacher_$t" > /dev/null
   fi
 done
-tpaths="$OUT/teacher_fine/teacher.safetensors $OUT/teacher_wear/teacher.safetensors $OUT/teacher_tops/teacher.safetensors"
+tpaths="$TD/teacher_fine/teacher.safetensors $TD/teacher_wear/teacher.safetensors $TD/teacher_tops/teacher.safetensors"
 maps="${MAP[fine]} | ${MAP[wear]} | ${MAP[tops]}"
 common=(--quiet --threads "$T" --run.out="$OUT" --data.limit="$LIMIT" --data.crop=0 --data.flip=0
         --train.epochs="$EPOCHS" --train.eval_every=100 --student.model="$STUDENT")
@@ -54,7 +56,7 @@ run() { # NAME CONFIG ARGS...: one run unless it is already done
 for s in $SEEDS; do
   for t in "${TASKS[@]}"; do # single-task: CE baseline and plain KD in one run
     run "st_${t}_s$s" examples/fashion_kd.ini --run.seed="$s" --data.label_map="${MAP[$t]}" \
-      --teacher.model="$TEACHER_MODEL" --teacher.checkpoint="$OUT/teacher_$t/teacher.safetensors" \
+      --teacher.model="$TEACHER_MODEL" --teacher.checkpoint="$TD/teacher_$t/teacher.safetensors" \
       --distill.baseline=1 --distill.loss="$KD"
   done
   mt=(--run.seed="$s" --multitask.teachers="$tpaths" --multitask.maps="$maps" --multitask.tasks="fine wear tops")
@@ -64,11 +66,11 @@ for s in $SEEDS; do
   run "mt_anneal_aug_s$s" examples/fashion_multitask.ini "${mt[@]}" --distill.loss="anneal(T=1)" \
     --data.crop=2 --data.flip=1
 done
-python3 - "$OUT" "$EPOCHS" "$LIMIT" "$STUDENT" "$TEACHER_MODEL" $SEEDS <<'PY'
+python3 - "$OUT" "$TD" "$EPOCHS" "$LIMIT" "$STUDENT" "$TEACHER_MODEL" $SEEDS <<'PY'
 import json, statistics, sys
-out, epochs, limit, student, teacher, seeds = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6:]
+out, td, epochs, limit, student, teacher, seeds = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6], sys.argv[7:]
 tasks = ["fine", "wear", "tops"]
-def js(p): return json.load(open(f"{out}/{p}/summary.json"))
+def js(p): return json.load(open(f"{td if p.startswith('teacher_') else out}/{p}/summary.json"))
 def cell(a):
     a = [x * 100 for x in a]
     sd = statistics.stdev(a) if len(a) > 1 else 0.0
