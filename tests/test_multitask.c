@@ -611,14 +611,15 @@ static void test_cli(void) {
         } else {
             CHECK_MSG(0, "no summary.json after the second run");
         }
-        /* refused: a global label map, --resume, a teacher list of the wrong length */
+        /* refused: a global label map, --resume, lists of the wrong length, a transfer set */
         const char *bad[][2] = {
             {"--data.label_map='0 0 0 0 0 1 1 1 1 1'", "[data] label_map"},
             {"--resume", "not available for multi-task runs"},
             {"--multitask.teachers=only_one.safetensors", "1 paths for 2 tasks"},
             {"--multitask.maps='0 1 2 3 4 5 6 7 8 9'", "2 tasks but 1 maps"},
+            {"--data.labeled=100", "[data] labeled are not available"},
         };
-        for (int i = 0; i < 4; i++) {
+        for (int i = 0; i < 5; i++) {
             snprintf(cmd, sizeof cmd, "%s run %s --quiet %s > %s/bad.txt 2>&1", bin, ini, bad[i][0], dir);
             code = run_cmd(cmd);
             snprintf(p, sizeof p, "%s/bad.txt", dir);

@@ -9,8 +9,10 @@
  *   3. every task's test accuracy; DIR/student_TASK.safetensors per task
  *      (an ordinary checkpoint of the trunk and that task's head).
  * Writes metrics.jsonl lines (roles teacher_TASK and student; after the
- * last epoch one line per task, role student_TASK) and summary.json. Not here: --resume (refused by
- * run.c for these runs), caches, ensembles, assistants, mutual learning.
+ * last epoch one line per task, role student_TASK) and summary.json.
+ * Not here: --resume (refused by run.c for these runs), caches,
+ * ensembles, assistants, mutual learning, an unlabelled transfer set
+ * ([data] labeled).
  */
 #include <cjson/cJSON.h>
 #include <stdlib.h>
@@ -186,10 +188,11 @@ kd_status cli_run_multitask(const kd_config *cfg, const kd_train_opts *base, con
     if (*kd_config_str(cfg, "data", "label_map"))
         return kd_config_error(cfg, "data", "label_map", "a multi-task run maps labels per task ([multitask] maps)");
     if (*kd_config_str(cfg, "teacher", "cache") || *kd_config_str(cfg, "teacher", "ensemble") ||
-        kd_config_int(cfg, "distill", "mutual") || *kd_config_str(cfg, "assistant", "model"))
+        kd_config_int(cfg, "distill", "mutual") || *kd_config_str(cfg, "assistant", "model") ||
+        kd_config_int(cfg, "data", "labeled") > 0)
         return kd_config_error(cfg, "multitask", "tasks",
                                "multi-task runs take one teacher per task ([multitask] teachers); [teacher] cache, "
-                               "ensemble, [assistant] and mutual learning are not available with them");
+                               "ensemble, [assistant], mutual learning and [data] labeled are not available with them");
     const char *spec = kd_config_str(cfg, "student", "model"), *loss = kd_config_str(cfg, "distill", "loss");
     if (!*spec) return kd_config_error(cfg, "student", "model", "a multi-task run needs the student's model");
     kd_mt_task tasks[KD_MAX_TASKS];
