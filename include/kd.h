@@ -344,6 +344,8 @@ enum {
     KD_OP_DCD,
     /* LELP (src/distill/lelp.c) */
     KD_OP_GROUP_LSE,
+    /* teacher annealing (src/distill/anneal.c) */
+    KD_OP_ANNEAL_CE,
     KD_OP_COUNT
 };
 

@@ -190,4 +190,11 @@ typedef struct kd_dcd_args {
 } kd_dcd_args;
 kd_node *kd_dcd(kd_graph *g, kd_node *zs, kd_node *zt, kd_node *log_scale, kd_node *bias, const kd_dcd_args *a);
 
+/* teacher annealing (src/distill/anneal.c; docs/losses/multitask.md) */
+/* Cross-entropy of softmax(s) against q = lambda softmax(t/T) + (1 - lambda)
+ * onehot(y), averaged over rows; s, t (R, K), labels (R) as floats (a
+ * negative label: q = softmax(t/T) for that row). lambda in [0, 1] is fp[1]
+ * of the node, which a schedule changes between steps. Gradient to s only. */
+kd_node *kd_anneal_ce(kd_graph *g, kd_node *s, kd_node *t, kd_node *labels, float T, float lambda);
+
 #endif

@@ -436,6 +436,10 @@ static const struct {
     {"lm", "temperature", "0.7"},
     {"lm", "top_k", "40"},
     {"lm", "top_p", "0.9"},
+    {"multitask", "tasks", "fine wear"},
+    {"multitask", "maps", "0 1 2 3 4 5 6 7 8 9 | 0 1 0 0 0 1 0 1 0 1"},
+    {"multitask", "teachers", "a.st b.st"},
+    {"multitask", "weights", "1 0.5"},
 };
 #define N_KEYS ((int)(sizeof all_keys / sizeof all_keys[0]))
 

@@ -44,6 +44,13 @@ int cmd_tokenize(int argc, char **argv);
 struct kd_config;
 struct kd_log;
 int cli_run_lm(const struct kd_config *cfg, const char *dir, int threads, struct kd_log *log);
+/* `distill run` with [multitask] tasks (src/cli/run_multitask.c): teachers
+ * per task, the multi-task student, summary.json; base: the [train] options */
+struct kd_train_opts;
+struct kd_dataset;
+kd_status cli_run_multitask(const struct kd_config *cfg, const struct kd_train_opts *base,
+                            const struct kd_dataset *train, const struct kd_dataset *test, const char *dir, int threads,
+                            struct kd_log *log);
 int cmd_generate(int argc, char **argv);
 int cmd_report(int argc, char **argv);
 

@@ -697,6 +697,9 @@ int cmd_run(int argc, char **argv) {
     int want_resume = cli_get(&run_cmd, "--resume") != NULL, quiet = cli_get(&run_cmd, "--quiet") != NULL;
     if (lm && want_resume)
         st = kd_errorf(KD_EUSAGE, "distill run: --resume is not available for language-model runs yet (docs/resume.md)");
+    int multitask = st == KD_OK && *kd_config_str(cfg, "multitask", "tasks");
+    if (multitask && want_resume)
+        st = kd_errorf(KD_EUSAGE, "distill run: --resume is not available for multi-task runs yet (docs/losses/multitask.md)");
     /* --resume: the run must have been started with this config (checked
      * before config.ini is rewritten) */
     char *cfg_text = st == KD_OK ? kd_config_text(cfg) : NULL;
@@ -759,6 +762,10 @@ int cmd_run(int argc, char **argv) {
     memset(stages, 0, sizeof stages);
     int ns = 0;
     kd_cache cache = {0};
+    if (st == KD_OK && multitask) { /* its own stages (src/cli/run_multitask.c) */
+        st = cli_run_multitask(cfg, &to, &train, &test, dir, threads, &log);
+        goto finish;
+    }
     const char *cache_path = kd_config_str(cfg, "teacher", "cache");
     int mutual = kd_config_int(cfg, "distill", "mutual"), gens = kd_config_int(cfg, "distill", "generations");
     int ensemble = *kd_config_str(cfg, "teacher", "ensemble") != '\0';
@@ -882,6 +889,7 @@ int cmd_run(int argc, char **argv) {
                        (long long)stages[i].params, 100.0 * stages[i].tr.test.acc, stages[i].tr.train_seconds);
         kd_log_info(&log, "wrote %s", dir);
     }
+finish:
     if (metrics) {
         fclose(metrics);
         write_report(dir);

@@ -342,7 +342,7 @@ const kd_loss_def kd_loss_defs_core[] = {
 };
 
 static const kd_loss_def *const tables[] = {kd_loss_defs_core, kd_loss_defs_feat2, kd_loss_defs_logit2,
-                                            kd_loss_defs_feat3, kd_loss_defs_geom};
+                                            kd_loss_defs_feat3, kd_loss_defs_geom, kd_loss_defs_anneal};
 #define N_TABLES ((int)(sizeof tables / sizeof tables[0]))
 
 const kd_loss_def *kd_loss_def_find(const char *name) {

@@ -43,6 +43,7 @@ extern const kd_loss_def kd_loss_defs_feat2[];
 extern const kd_loss_def kd_loss_defs_logit2[];
 extern const kd_loss_def kd_loss_defs_feat3[];
 extern const kd_loss_def kd_loss_defs_geom[];
+extern const kd_loss_def kd_loss_defs_anneal[];
 
 const kd_loss_def *kd_loss_def_find(const char *name);
 /* default of `key` in an args string, or NULL */

@@ -104,6 +104,12 @@ static const entry schema[] = {
     {"lm", "temperature", T_FLOAT, "1", "sampling temperature for on-policy and sequence-level KD"},
     {"lm", "top_k", T_INT, "0", "sampling top-k for on-policy and sequence-level KD (0: off)"},
     {"lm", "top_p", T_FLOAT, "1", "sampling nucleus mass for on-policy and sequence-level KD (1: off)"},
+    {"multitask", "tasks", T_STR, "",
+     "task names (space-separated); non-empty: a multi-task run, one student trunk with a head per task (docs/losses/multitask.md)"},
+    {"multitask", "maps", T_STR, "", "label map of each task over the data's classes, '|' between tasks (\"0 1 2 ... | 0 1 0 ...\")"},
+    {"multitask", "teachers", T_STR, "",
+     "teacher checkpoint of each task (space-separated); a missing one is trained there with [teacher] model on the task's labels"},
+    {"multitask", "weights", T_STR, "", "weight of each task's loss (space-separated; empty: 1 each)"},
 };
 #define N_SCHEMA ((int)(sizeof schema / sizeof schema[0]))
 

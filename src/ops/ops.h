@@ -36,6 +36,8 @@ extern const kd_op_def kd_op_haar2d, kd_op_band_mse, kd_op_attn_mask, kd_op_mask
 extern const kd_op_def kd_op_procrustes, kd_op_gram_dist, kd_op_cka, kd_op_dcd;
 /* LELP (src/distill/lelp.c) */
 extern const kd_op_def kd_op_group_lse;
+/* teacher annealing (src/distill/anneal.c) */
+extern const kd_op_def kd_op_anneal_ce;
 
 /* shape error naming the node and its inputs */
 kd_status kd_op_shape_error(const kd_node *n, const char *what);

@@ -71,4 +71,6 @@ const kd_op_def *const kd_ops[KD_OP_COUNT] = {
     [KD_OP_DCD] = &kd_op_dcd,
     /* LELP */
     [KD_OP_GROUP_LSE] = &kd_op_group_lse,
+    /* teacher annealing */
+    [KD_OP_ANNEAL_CE] = &kd_op_anneal_ce,
 };
