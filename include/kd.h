@@ -342,6 +342,9 @@ enum {
     KD_OP_GRAM_DIST,
     KD_OP_CKA,
     KD_OP_DCD,
+    /* LLMR policy gradient (src/distill/pg.c) */
+    KD_OP_PG_NLL,
+    KD_OP_PG_ADVANTAGE,
     KD_OP_COUNT
 };
 

@@ -69,4 +69,7 @@ const kd_op_def *const kd_ops[KD_OP_COUNT] = {
     [KD_OP_GRAM_DIST] = &kd_op_gram_dist,
     [KD_OP_CKA] = &kd_op_cka,
     [KD_OP_DCD] = &kd_op_dcd,
+    /* LLMR policy gradient */
+    [KD_OP_PG_NLL] = &kd_op_pg_nll,
+    [KD_OP_PG_ADVANTAGE] = &kd_op_pg_advantage,
 };
