@@ -13,7 +13,7 @@
 # validation prompts (32 bytes of prompt, 96 sampled at temperature 1).
 # Finished runs (summary.json present) are skipped, so the script resumes.
 #   bench/llmr_table.sh [SEEDS...]       (default seeds: 0 1 2)
-#   env: N=300 M=150 LR=5e-4 W=20 SAMPLES=64 EVAL_WINDOWS=256 JOBS=2 OUT=runs/llmr_table
+#   env: N=300 M=150 LR=5e-4 W=20 SAMPLES=64 EVAL_WINDOWS=256 JOBS=3 OUT=runs/llmr_table
 #        TEACHER=runs/lm_teacher/teacher.safetensors (trained with
 #        examples/lm_teacher.ini if missing)
 set -euo pipefail
@@ -25,7 +25,7 @@ LR=${LR:-5e-4}
 W=${W:-20}
 SAMPLES=${SAMPLES:-64}
 EVAL_WINDOWS=${EVAL_WINDOWS:-256}
-JOBS=${JOBS:-2}
+JOBS=${JOBS:-3}
 OUT=${OUT:-runs/llmr_table}
 TEACHER=${TEACHER:-runs/lm_teacher/teacher.safetensors}
 D=build/distill
@@ -44,16 +44,17 @@ run_one() {
 }
 export -f run_one
 export D OUT common
-jobs=()
-for s in $SEEDS; do jobs+=("warm_s$s|--lm.steps=$N --lm.eval_every=$N --run.seed=$s"); done
-printf '%s\n' "${jobs[@]}" | xargs -P "$JOBS" -I{} bash -c 'run_one "$@"' _ {}
-jobs=()
-for s in $SEEDS; do
-    init="--lm.init=$OUT/warm_s$s/student.safetensors --run.seed=$s"
-    jobs+=("kd_s$s|$cont $init")
-    jobs+=("llmr_s$s|$cont $init --lm.llmr=$M")
-done
-printf '%s\n' "${jobs[@]}" | xargs -P "$JOBS" -I{} bash -c 'run_one "$@"' _ {}
+# one pipeline per seed (warm start, then the two arms from it), JOBS seeds at once
+seed_pipeline() {
+    local s=$1 init="--lm.init=$OUT/warm_s$1/student.safetensors --run.seed=$1"
+    run_one "warm_s$s|--lm.steps=$N --lm.eval_every=$N --run.seed=$s"
+    [ -f "$OUT/warm_s$s/student.safetensors" ] || return 0
+    run_one "kd_s$s|$cont $init"
+    run_one "llmr_s$s|$cont $init --lm.llmr=$M"
+}
+export -f seed_pipeline
+export N M cont
+printf '%s\n' $SEEDS | xargs -P "$JOBS" -I{} bash -c 'seed_pipeline "$@"' _ {}
 python3 - "$OUT" "$N" "$M" "$LR" "$SAMPLES" "$EVAL_WINDOWS" $SEEDS <<'PY'
 import json, statistics, sys
 out, n, m, lr, samples, ew, seeds = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6], sys.argv[7:]
