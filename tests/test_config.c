@@ -431,6 +431,11 @@ static const struct {
     {"lm", "temperature", "0.7"},
     {"lm", "top_k", "40"},
     {"lm", "top_p", "0.9"},
+    {"lm", "init", "runs/warm/student.safetensors"},
+    {"lm", "llmr", "5"},
+    {"lm", "llmr_gamma", "0.9"},
+    {"lm", "llmr_baseline", "none"},
+    {"lm", "sample_eval", "16"},
 };
 #define N_KEYS ((int)(sizeof all_keys / sizeof all_keys[0]))
 
