@@ -6,6 +6,7 @@
 #   kd     from warm's student, the same KD for M more steps
 #   llmr   from warm's student, M LLMR steps (REINFORCE on the student's own
 #          samples, reward induced from the teacher's logits)
+#   llmr_lowlr  the same at a tenth of the learning rate (sensitivity)
 # The two arms share the starting point, the optimiser recipe (AdamW, lr LR
 # with W warm-up steps then cosine to LR/10, clip 1) and the number of steps;
 # both report the validation loss (nats/byte over the first EVAL_WINDOWS
@@ -35,6 +36,8 @@ mkdir -p "$OUT"
 KD="ce(weight=0.5)+fkl(weight=0.5)"
 common="--teacher.checkpoint=$TEACHER --distill.baseline=0 --distill.loss=$KD --lm.eval_windows=$EVAL_WINDOWS --lm.sample_eval=$SAMPLES --train.log_every=25 --threads 1 --quiet --run.out=$OUT"
 cont="--lm.steps=$M --lm.eval_every=$M --lm.warmup=$W --train.lr=$LR --train.min_lr=$(python3 -c "print($LR/10)")"
+# a sensitivity row: LLMR at a tenth of the learning rate
+cont_low="--lm.steps=$M --lm.eval_every=$M --lm.warmup=$W --train.lr=$(python3 -c "print($LR/10)") --train.min_lr=$(python3 -c "print($LR/100)")"
 run_one() {
     local name=${1%%|*} args=${1#*|}
     [ -f "$OUT/$name/summary.json" ] && return 0
@@ -51,9 +54,10 @@ seed_pipeline() {
     [ -f "$OUT/warm_s$s/student.safetensors" ] || return 0
     run_one "kd_s$s|$cont $init"
     run_one "llmr_s$s|$cont $init --lm.llmr=$M"
+    run_one "llmr_lowlr_s$s|$cont_low $init --lm.llmr=$M"
 }
 export -f seed_pipeline
-export N M cont
+export N M cont cont_low
 printf '%s\n' $SEEDS | xargs -P "$JOBS" -I{} bash -c 'seed_pipeline "$@"' _ {}
 python3 - "$OUT" "$N" "$M" "$LR" "$SAMPLES" "$EVAL_WINDOWS" $SEEDS <<'PY'
 import json, statistics, sys
@@ -73,7 +77,8 @@ print(f"Teacher `gpt: layers=4 dim=256 heads=8 ctx=128` -> student `gpt: layers=
       f"32-byte validation prompts, temperature 1.\n")
 print("| student | val loss (nats/byte) | teacher NLL of samples | student NLL of samples | train s (per run) |")
 print("|---|---|---|---|---|")
-labels = [("warm", f"KD warm start ({n} steps)"), ("kd", f"+ {m} KD steps"), ("llmr", f"+ {m} LLMR steps")]
+labels = [("warm", f"KD warm start ({n} steps)"), ("kd", f"+ {m} KD steps"), ("llmr", f"+ {m} LLMR steps"),
+          ("llmr_lowlr", f"+ {m} LLMR steps at lr {float(lr) / 10:g}")]
 for key, label in labels:
     r = get(key)
     cols = [stats([x[i] for x in r]) for i in range(4)]
