@@ -346,6 +346,9 @@ enum {
     KD_OP_GROUP_LSE,
     /* teacher annealing (src/distill/anneal.c) */
     KD_OP_ANNEAL_CE,
+    /* LLMR policy gradient (src/distill/pg.c) */
+    KD_OP_PG_NLL,
+    KD_OP_PG_ADVANTAGE,
     KD_OP_COUNT
 };
 

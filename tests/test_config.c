@@ -440,6 +440,11 @@ static const struct {
     {"multitask", "maps", "0 1 2 3 4 5 6 7 8 9 | 0 1 0 0 0 1 0 1 0 1"},
     {"multitask", "teachers", "a.st b.st"},
     {"multitask", "weights", "1 0.5"},
+    {"lm", "init", "runs/warm/student.safetensors"},
+    {"lm", "llmr", "5"},
+    {"lm", "llmr_gamma", "0.9"},
+    {"lm", "llmr_baseline", "none"},
+    {"lm", "sample_eval", "16"},
 };
 #define N_KEYS ((int)(sizeof all_keys / sizeof all_keys[0]))
 

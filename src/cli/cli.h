@@ -51,6 +51,15 @@ struct kd_dataset;
 kd_status cli_run_multitask(const struct kd_config *cfg, const struct kd_train_opts *base,
                             const struct kd_dataset *train, const struct kd_dataset *test, const char *dir, int threads,
                             struct kd_log *log);
+/* the LM student's training in `distill run` (src/cli/run_llmr.c): [lm] init,
+ * the KD warm start then [lm] llmr REINFORCE steps, [lm] sample_eval */
+struct kd_lm;
+struct kd_text_data;
+struct kd_lm_train_opts;
+struct kd_lm_train_result;
+kd_status cli_lm_student_train(const struct kd_config *c, struct kd_lm *lm, const struct kd_text_data *d,
+                               const struct kd_lm_train_opts *o, struct kd_log *log,
+                               struct kd_lm_train_result *res);
 int cmd_generate(int argc, char **argv);
 int cmd_report(int argc, char **argv);
 

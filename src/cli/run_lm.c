@@ -133,7 +133,9 @@ static kd_status train_one(lm_run *r, const kd_lm_setup *s, const char *const *t
         fprintf(stderr, "distill: %s %s (%lld parameters), %lld steps of %d x %d tokens%s\n", stage->role, s->student,
                 (long long)stage->params, (long long)o->steps, o->batch, r->seq,
                 s->loss && *s->loss ? "" : ", cross-entropy");
-    if (st == KD_OK) st = kd_lm_train(&lm, &r->data, o, r->log, &stage->tr);
+    if (st == KD_OK) /* the distilled student's extras: [lm] init, llmr, sample_eval (run_llmr.c) */
+        st = strcmp(stage->role, "student") == 0 ? cli_lm_student_train(r->cfg, &lm, &r->data, o, r->log, &stage->tr)
+                                                 : kd_lm_train(&lm, &r->data, o, r->log, &stage->tr);
     if (st == KD_OK) {
         stage->ran = 1;
         /* the last evaluation of training, or a sweep with agreement and KL */

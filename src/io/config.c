@@ -110,6 +110,11 @@ static const entry schema[] = {
     {"multitask", "teachers", T_STR, "",
      "teacher checkpoint of each task (space-separated); a missing one is trained there with [teacher] model on the task's labels"},
     {"multitask", "weights", T_STR, "", "weight of each task's loss (space-separated; empty: 1 each)"},
+    {"lm", "init", T_STR, "", "language models: the distilled student starts from this checkpoint (e.g. a KD warm start)"},
+    {"lm", "llmr", T_INT, "0", "LLMR: the last N of [lm] steps are REINFORCE steps with the teacher-induced reward (0: off)"},
+    {"lm", "llmr_gamma", T_FLOAT, "1", "LLMR: discount of the return"},
+    {"lm", "llmr_baseline", T_STR, "batch", "LLMR: batch (leave-one-out mean return at each position) or none"},
+    {"lm", "sample_eval", T_INT, "0", "after training: the teacher's NLL of this many student samples (0: off)"},
 };
 #define N_SCHEMA ((int)(sizeof schema / sizeof schema[0]))
 

@@ -38,6 +38,8 @@ extern const kd_op_def kd_op_procrustes, kd_op_gram_dist, kd_op_cka, kd_op_dcd;
 extern const kd_op_def kd_op_group_lse;
 /* teacher annealing (src/distill/anneal.c) */
 extern const kd_op_def kd_op_anneal_ce;
+/* LLMR policy gradient (src/distill/pg.c) */
+extern const kd_op_def kd_op_pg_nll, kd_op_pg_advantage;
 
 /* shape error naming the node and its inputs */
 kd_status kd_op_shape_error(const kd_node *n, const char *what);

@@ -73,4 +73,7 @@ const kd_op_def *const kd_ops[KD_OP_COUNT] = {
     [KD_OP_GROUP_LSE] = &kd_op_group_lse,
     /* teacher annealing */
     [KD_OP_ANNEAL_CE] = &kd_op_anneal_ce,
+    /* LLMR policy gradient */
+    [KD_OP_PG_NLL] = &kd_op_pg_nll,
+    [KD_OP_PG_ADVANTAGE] = &kd_op_pg_advantage,
 };
