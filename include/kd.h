@@ -342,6 +342,9 @@ enum {
     KD_OP_GRAM_DIST,
     KD_OP_CKA,
     KD_OP_DCD,
+    /* text classification with rationales (src/ops/textcls.c, kd_textcls.h) */
+    KD_OP_MASKED_MEAN,
+    KD_OP_TOKEN_BCE,
     KD_OP_COUNT
 };
 

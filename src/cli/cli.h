@@ -44,6 +44,8 @@ int cmd_tokenize(int argc, char **argv);
 struct kd_config;
 struct kd_log;
 int cli_run_lm(const struct kd_config *cfg, const char *dir, int threads, struct kd_log *log);
+/* `distill run` for a "textcls:" dataset (src/cli/run_textcls.c); returns the exit code */
+int cli_run_textcls(const struct kd_config *cfg, const char *dir, int threads, struct kd_log *log);
 int cmd_generate(int argc, char **argv);
 int cmd_report(int argc, char **argv);
 

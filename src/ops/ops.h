@@ -34,6 +34,8 @@ extern const kd_op_def kd_op_embedding, kd_op_pos_add, kd_op_layernorm, kd_op_ca
 extern const kd_op_def kd_op_haar2d, kd_op_band_mse, kd_op_attn_mask, kd_op_masked_mse, kd_op_gauss_kl;
 /* geometry and DCD (src/distill/geometry.c, dcd.c) */
 extern const kd_op_def kd_op_procrustes, kd_op_gram_dist, kd_op_cka, kd_op_dcd;
+/* text classification with rationales (src/ops/textcls.c) */
+extern const kd_op_def kd_op_masked_mean, kd_op_token_bce;
 
 /* shape error naming the node and its inputs */
 kd_status kd_op_shape_error(const kd_node *n, const char *what);

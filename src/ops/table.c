@@ -69,4 +69,7 @@ const kd_op_def *const kd_ops[KD_OP_COUNT] = {
     [KD_OP_GRAM_DIST] = &kd_op_gram_dist,
     [KD_OP_CKA] = &kd_op_cka,
     [KD_OP_DCD] = &kd_op_dcd,
+    /* text classification with rationales */
+    [KD_OP_MASKED_MEAN] = &kd_op_masked_mean,
+    [KD_OP_TOKEN_BCE] = &kd_op_token_bce,
 };
