@@ -592,6 +592,12 @@ static void cli(void) {
         } else {
             CHECK_MSG(0, "%s", kd_error_message());
         }
+        snprintf(p, sizeof p, "%s/runs/tc/rationale_examples.txt", dir);
+        s = slurp(p);
+        /* documents with the tagged bytes in brackets, separated by "%" lines */
+        CHECK_MSG(s && strstr(s, "/c0]\nalpha") && strstr(s, "\n%\n[class ") && strchr(strstr(s, "]\n") + 2, '['),
+                  "examples: %s", s ? s : "(missing)");
+        free(s);
         snprintf(p, sizeof p, "%s/t/teacher.safetensors", dir);
         FILE *t = fopen(p, "rb");
         CHECK(t != NULL);

@@ -117,6 +117,28 @@ static void teacher_outputs(kd_textcls_net *tn, const kd_textcls_data *d, int k,
     free(row);
 }
 
+/* the first n training documents with their tagged bytes in [brackets],
+ * for a reader to see what the teacher found */
+static kd_status write_examples(const char *dir, const kd_textcls_data *d, const uint8_t *tags, int n) {
+    char path[4200];
+    snprintf(path, sizeof path, "%s/rationale_examples.txt", dir);
+    size_t cap = (size_t)n * (3 * (size_t)d->T + 96) + 1, len = 0;
+    char *buf = kd_malloc(cap);
+    for (int i = 0; i < n && i < d->n[0]; i++) {
+        len += (size_t)snprintf(buf + len, cap - len, "[class %s]\n", d->names[d->label[0][i]]);
+        const uint8_t *tok = d->tok[0] + (size_t)i * d->T, *tg = tags + (size_t)i * d->T;
+        for (int t = 0; t < d->len[0][i]; t++) {
+            if (tg[t]) buf[len++] = '[';
+            buf[len++] = (char)tok[t];
+            if (tg[t]) buf[len++] = ']';
+        }
+        len += (size_t)snprintf(buf + len, cap - len, "\n%%\n");
+    }
+    kd_status st = kd_write_atomic(path, buf, len);
+    free(buf);
+    return st;
+}
+
 static void stage_json(cJSON *root, const tc_stage *s) {
     if (!s->ran) return;
     cJSON *t = cJSON_AddObjectToObject(root, s->role);
@@ -290,6 +312,7 @@ int cli_run_textcls(const kd_config *cfg, const char *dir, int threads, kd_log *
             tsec = kd_now() - t0;
             kd_log_info(log, "teacher pass over %d training documents: logits and top-%d saliency tags (%.1f%% of tokens) in %.1f s",
                         d.n[0], k, 100 * tag_frac, tsec);
+            st = write_examples(dir, &d, tags, 20);
         }
         if (st == KD_OK) {
             tc_stage *ss2 = &stages[ns++];
