@@ -379,6 +379,7 @@ static const struct {
     {"data", "crop", "2"},
     {"data", "flip", "1"},
     {"data", "labeled", "5000"},
+    {"data", "label_map", "0 0 1 1 0"},
     {"teacher", "model", "mlp: f128 d0.1 f64"},
     {"teacher", "checkpoint", "teach.safetensors"},
     {"teacher", "names", "features.0 = conv1, classifier.1 = fc1"},
@@ -431,6 +432,13 @@ static const struct {
     {"lm", "temperature", "0.7"},
     {"lm", "top_k", "40"},
     {"lm", "top_p", "0.9"},
+    {"textcls", "steps", "77"},
+    {"textcls", "teacher_steps", "55"},
+    {"textcls", "seq", "64"},
+    {"textcls", "test_frac", "0.25"},
+    {"textcls", "warmup", "9"},
+    {"textcls", "rationale", "0.5"},
+    {"textcls", "rationale_k", "6"},
 };
 #define N_KEYS ((int)(sizeof all_keys / sizeof all_keys[0]))
 
