@@ -349,6 +349,9 @@ enum {
     /* LLMR policy gradient (src/distill/pg.c) */
     KD_OP_PG_NLL,
     KD_OP_PG_ADVANTAGE,
+    /* text classification with rationales (src/ops/textcls.c, kd_textcls.h) */
+    KD_OP_MASKED_MEAN,
+    KD_OP_TOKEN_BCE,
     KD_OP_COUNT
 };
 

@@ -445,6 +445,13 @@ static const struct {
     {"lm", "llmr_gamma", "0.9"},
     {"lm", "llmr_baseline", "none"},
     {"lm", "sample_eval", "16"},
+    {"textcls", "steps", "77"},
+    {"textcls", "teacher_steps", "55"},
+    {"textcls", "seq", "64"},
+    {"textcls", "test_frac", "0.25"},
+    {"textcls", "warmup", "9"},
+    {"textcls", "rationale", "0.5"},
+    {"textcls", "rationale_k", "6"},
 };
 #define N_KEYS ((int)(sizeof all_keys / sizeof all_keys[0]))
 

@@ -60,6 +60,8 @@ struct kd_lm_train_result;
 kd_status cli_lm_student_train(const struct kd_config *c, struct kd_lm *lm, const struct kd_text_data *d,
                                const struct kd_lm_train_opts *o, struct kd_log *log,
                                struct kd_lm_train_result *res);
+/* `distill run` for a "textcls:" dataset (src/cli/run_textcls.c); returns the exit code */
+int cli_run_textcls(const struct kd_config *cfg, const char *dir, int threads, struct kd_log *log);
 int cmd_generate(int argc, char **argv);
 int cmd_report(int argc, char **argv);
 

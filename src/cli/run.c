@@ -726,7 +726,10 @@ int cmd_run(int argc, char **argv) {
         } else {
             log.metrics = metrics;
             kd_log_info(&log, "run '%s' -> %s (%d threads)", name, dir, threads);
-            code = cli_run_lm(cfg, dir, threads, &log);
+            /* "textcls:..." also starts with "text": text classification */
+            code = strncmp(kd_config_str(cfg, "data", "train"), "textcls:", 8) == 0
+                       ? cli_run_textcls(cfg, dir, threads, &log)
+                       : cli_run_lm(cfg, dir, threads, &log);
             fclose(metrics);
             write_report(dir);
         }

@@ -115,6 +115,14 @@ static const entry schema[] = {
     {"lm", "llmr_gamma", T_FLOAT, "1", "LLMR: discount of the return"},
     {"lm", "llmr_baseline", T_STR, "batch", "LLMR: batch (leave-one-out mean return at each position) or none"},
     {"lm", "sample_eval", T_INT, "0", "after training: the teacher's NLL of this many student samples (0: off)"},
+    {"textcls", "steps", T_INT, "600", "text classification ([data] train = textcls:...): optimiser steps of each model"},
+    {"textcls", "teacher_steps", T_INT, "0", "text classification: steps when the teacher is trained here (0: [textcls] steps)"},
+    {"textcls", "seq", T_INT, "128", "text classification: bytes per document (longer ones are cut, shorter padded)"},
+    {"textcls", "test_frac", T_FLOAT, "0.2", "text classification: fraction of documents held out for testing (by hash)"},
+    {"textcls", "warmup", T_INT, "50", "text classification: linear warm-up steps"},
+    {"textcls", "rationale", T_FLOAT, "0",
+     "weight of the rationale tagging loss: the student tags the teacher's top-k saliency tokens (0: off)"},
+    {"textcls", "rationale_k", T_INT, "8", "rationale tags: the k tokens of highest gradient x input saliency per document"},
 };
 #define N_SCHEMA ((int)(sizeof schema / sizeof schema[0]))
 

@@ -40,6 +40,8 @@ extern const kd_op_def kd_op_group_lse;
 extern const kd_op_def kd_op_anneal_ce;
 /* LLMR policy gradient (src/distill/pg.c) */
 extern const kd_op_def kd_op_pg_nll, kd_op_pg_advantage;
+/* text classification with rationales (src/ops/textcls.c) */
+extern const kd_op_def kd_op_masked_mean, kd_op_token_bce;
 
 /* shape error naming the node and its inputs */
 kd_status kd_op_shape_error(const kd_node *n, const char *what);

@@ -76,4 +76,7 @@ const kd_op_def *const kd_ops[KD_OP_COUNT] = {
     /* LLMR policy gradient */
     [KD_OP_PG_NLL] = &kd_op_pg_nll,
     [KD_OP_PG_ADVANTAGE] = &kd_op_pg_advantage,
+    /* text classification with rationales */
+    [KD_OP_MASKED_MEAN] = &kd_op_masked_mean,
+    [KD_OP_TOKEN_BCE] = &kd_op_token_bce,
 };
