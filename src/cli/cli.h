@@ -46,5 +46,6 @@ struct kd_log;
 int cli_run_lm(const struct kd_config *cfg, const char *dir, int threads, struct kd_log *log);
 int cmd_generate(int argc, char **argv);
 int cmd_report(int argc, char **argv);
+int cmd_lora(int argc, char **argv); /* src/cli/lora.c */
 
 #endif

@@ -98,6 +98,13 @@ static const entry schema[] = {
     {"lm", "temperature", T_FLOAT, "1", "sampling temperature for on-policy and sequence-level KD"},
     {"lm", "top_k", T_INT, "0", "sampling top-k for on-policy and sequence-level KD (0: off)"},
     {"lm", "top_p", T_FLOAT, "1", "sampling nucleus mass for on-policy and sequence-level KD (1: off)"},
+    {"lm", "lora", T_STR, "",
+     "LoRA adapters on the student, e.g. \"r=8 alpha=16 targets=attn,mlp\"; its base weights frozen (docs/losses/lora.md)"},
+    {"lm", "lora_base", T_STR, "", "LoRA: the student's base weights (a GPT checkpoint); required with [lm] lora"},
+    {"lm", "okd", T_BOOL, "0", "OKD: trainable adapters on the teacher, trained with the student (docs/losses/okd.md)"},
+    {"lm", "okd_lora", T_STR, "r=8 alpha=16 targets=all", "OKD: the teacher's adapters (LoRA spec)"},
+    {"lm", "okd_loss", T_STR, "ce + fkl",
+     "OKD: the teacher adapters' loss spec, roles swapped (s = the teacher, t = the student)"},
 };
 #define N_SCHEMA ((int)(sizeof schema / sizeof schema[0]))
 
