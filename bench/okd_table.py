@@ -65,3 +65,18 @@ for meth in ("fkl", "rkl", "gkd", "okd"):
           f"{'/'.join(map(str, steps))} | {lm_:.4f} ± {ls_:.4f} | {pm:.3f} ± {ps:.3f} | {rel} | "
           f"{100*statistics.mean(agr):.1f}% | {tr:.0f} | {f'{statistics.mean(cpus):.0f}' if cpus else '-'} | "
           f"{f'{statistics.mean(tv):.4f}' if tv else '-'} |")
+
+# LoRA: adapters on the CE-only student (its base), 200 steps of ce + fkl
+lr = load("lora")
+if lr:
+    base = ms([st["val_loss"] for _, st, *_ in load("ce")])[0]
+    lm_, ls_ = ms([st["val_loss"] for _, st, *_ in lr])
+    ad = lr[0][1].get("adapter_params", 0)
+    cpus = [c for *_, c, _ in lr if c is not None]
+    print()
+    print("| LoRA row | seeds | steps | trainable | val loss (nats/token) | vs its base (CE student) | CPU s (run) |")
+    print("|---|---|---|---|---|---|---|")
+    print(f"| base: CE-only student, 800 steps (bench/lm_table.sh) | {len(load('ce'))} | 800 | {lr[0][1]['params']} | {base:.4f} | | |")
+    print(f"| + LoRA r=8 α=16 (all linears), ce(0.5) + fkl(0.5) | {len(lr)} | "
+          f"{'/'.join(map(str, sorted({s for _, _, s, _, _ in lr})))} | {int(ad)} | {lm_:.4f} ± {ls_:.4f} | "
+          f"{100.0 * (lm_ - base) / base:+.2f}% | {f'{statistics.mean(cpus):.0f}' if cpus else '-'} |")

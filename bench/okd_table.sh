@@ -10,6 +10,8 @@
 #   okd   ce(0.5) + fkl(0.5) against a teacher with LoRA adapters (r=8,
 #         alpha=16, all four linears: the [lm] okd_lora default) trained at the same time on
 #         ce + fkl with the roles swapped; OKD_STEPS steps
+#   lora  LoRA r=8 alpha=16 on all linears of bench/lm_table.sh's CE-only
+#         student (base frozen), 200 steps of ce(0.5) + fkl(0.5)
 # An OKD step also runs the teacher's backward pass: measured here (40-step
 # runs back to back, one thread) it costs 2.0x the CPU time of an fkl step,
 # so OKD_STEPS=400 is the equal-time budget of the 800-step rows. Each
@@ -37,14 +39,20 @@ for seed in $SEEDS; do
     [ -f "$LM_TABLE/online_gkd_s$seed/summary.json" ] ||
         jobs+=("gkd_s$seed|--lm.steps=800 --lm.eval_every=800 --distill.loss=jsd(beta=0.5) --lm.onpolicy=0.5 --lm.prompt=32 --run.seed=$seed")
     jobs+=("rkl_s$seed|--lm.steps=800 --lm.eval_every=800 --distill.loss=ce(weight=0.5)+rkl(weight=0.5) --run.seed=$seed")
+    # LoRA (issue 6, item 9): adapters r=8 on all linears of the CE-only
+    # student of bench/lm_table.sh (its base frozen), 200 steps of ce + fkl
+    [ -f "$LM_TABLE/online_ce_s$seed/student.safetensors" ] &&
+        jobs+=("lora_s$seed|--lm.steps=200 --lm.warmup=20 --lm.eval_every=200 --distill.loss=ce(weight=0.5)+fkl(weight=0.5) --lm.lora_base=$LM_TABLE/online_ce_s$seed/student.safetensors --run.seed=$seed")
     jobs+=("okd_s$seed|--lm.steps=$OKD_STEPS --lm.eval_every=$OKD_STEPS --distill.loss=ce(weight=0.5)+fkl(weight=0.5) --lm.okd=1 --lm.okd_loss=ce+fkl --run.seed=$seed")
 done
 run_one() {
     local name=${1%%|*} args=${1#*|}
     [ -f "$OUT/$name/summary.json" ] && return 0
+    local lora=()
+    [[ $name == lora_* ]] && lora=(--lm.lora="r=8 alpha=16 targets=all")
     # shellcheck disable=SC2086
     OMP_WAIT_POLICY=passive /usr/bin/time -f "%U %S" -o "$OUT/$name.time" \
-        $D run examples/lm_kd.ini --run.name="$name" $common $args > "$OUT/$name.log" 2>&1 ||
+        $D run examples/lm_kd.ini --run.name="$name" $common $args "${lora[@]}" > "$OUT/$name.log" 2>&1 ||
         echo "FAILED: $name (see $OUT/$name.log)"
 }
 export -f run_one
