@@ -431,6 +431,12 @@ static const struct {
     {"lm", "temperature", "0.7"},
     {"lm", "top_k", "40"},
     {"lm", "top_p", "0.9"},
+    {"data", "label_map", "0 0 0 0 0 1 1 1 1 1"},
+    {"lm", "lora", "r=4 alpha=8 targets=attn"},
+    {"lm", "lora_base", "base.safetensors"},
+    {"lm", "okd", "1"},
+    {"lm", "okd_lora", "r=2 alpha=4"},
+    {"lm", "okd_loss", "ce + rkl"},
 };
 #define N_KEYS ((int)(sizeof all_keys / sizeof all_keys[0]))
 

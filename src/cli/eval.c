@@ -33,7 +33,7 @@ static cli_cmd eval_cmd = {
                 "  distill eval torch.safetensors --model \"cnn: c8 p c16 p f32\" --names auto --logits z.safetensors\n"
                 "  distill eval runs/lm_kd/student.safetensors --data text    # a GPT: validation loss and perplexity\n",
     .opts = eval_opts,
-    .n_opts = 8,
+    .n_opts = (int)(sizeof eval_opts / sizeof eval_opts[0]),
 };
 
 /* Runs the model over ds in order and writes logits (N,K) F32 and labels
