@@ -9,6 +9,7 @@
 #include "kd.h"
 #include "kd_gpt.h"
 #include "kd_io.h"
+#include "kd_lora.h"
 #include "kd_losses.h"
 #include "kd_nn.h"
 #include "kd_optim.h"
@@ -24,6 +25,18 @@ typedef struct kd_lm_setup {
     int cache_k;         /* > 0: the teacher is a top-k cache with k entries per position */
     float cache_T;       /* ... stored at this temperature */
     int vocab, seq, max_batch;
+    /* LoRA (kd_lora.h): r > 0 gives the student adapters and freezes its
+     * base weights (load them with kd_lm_load before training) */
+    kd_lora_cfg lora;
+    /* OKD (Rao et al. 2024, docs/losses/okd.md): the one teacher gets
+     * trainable adapters okd_lora, trained jointly with the student on the
+     * loss spec okd_loss read with the roles swapped (its "s" is the
+     * teacher, its "t" the student, e.g. "ce + fkl": the teacher's CE plus
+     * KL(p_student || p_teacher)); gradients of each side reach only that
+     * side's parameters */
+    int okd;
+    kd_lora_cfg okd_lora;
+    const char *okd_loss;
 } kd_lm_setup;
 
 typedef struct kd_lm {
@@ -38,6 +51,9 @@ typedef struct kd_lm {
     kd_node *ce;              /* the student's next-token cross-entropy */
     kd_node *loss;            /* what training minimises */
     kd_built_loss terms;      /* distillation terms (n = 0 for CE alone) */
+    kd_built_loss t_terms;    /* OKD: the teacher adapters' terms (n = 0 otherwise) */
+    kd_lora_cfg lora, okd_lora;
+    int okd;
     int seq, vocab, cache_k;
 } kd_lm;
 

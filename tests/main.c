@@ -31,7 +31,8 @@ const char *kd_test_fixture(const char *name, char *buf, size_t n) {
 
 #define AREAS(X) X(core) X(ops) X(data) X(safetensors) X(config) X(optim) X(nn) X(train) X(cli) X(losses) X(distill) \
     X(features) X(cache) X(losses2) X(features2) X(features3) X(geom) X(export) X(rank) X(topk) X(interop) X(report) \
-    X(resume) X(lm_ops) X(text) X(gpt_infer) X(lm) X(lelp) X(multitask) X(llmr) X(textcls)
+    X(resume) X(lm_ops) X(text) X(gpt_infer) X(lm) X(lelp) X(multitask) X(llmr) X(textcls) \
+    X(lora)
 #define DECL(a) void test_##a(void);
 AREAS(DECL)
 

@@ -452,6 +452,11 @@ static const struct {
     {"textcls", "warmup", "9"},
     {"textcls", "rationale", "0.5"},
     {"textcls", "rationale_k", "6"},
+    {"lm", "lora", "r=4 alpha=8 targets=attn"},
+    {"lm", "lora_base", "base.safetensors"},
+    {"lm", "okd", "1"},
+    {"lm", "okd_lora", "r=2 alpha=4"},
+    {"lm", "okd_loss", "ce + rkl"},
 };
 #define N_KEYS ((int)(sizeof all_keys / sizeof all_keys[0]))
 

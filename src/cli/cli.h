@@ -64,5 +64,6 @@ kd_status cli_lm_student_train(const struct kd_config *c, struct kd_lm *lm, cons
 int cli_run_textcls(const struct kd_config *cfg, const char *dir, int threads, struct kd_log *log);
 int cmd_generate(int argc, char **argv);
 int cmd_report(int argc, char **argv);
+int cmd_lora(int argc, char **argv); /* src/cli/lora.c */
 
 #endif

@@ -15,7 +15,8 @@ static void usage(FILE *f) {
             "  loss \"SPEC\" --in X --out Y             a loss and its gradients on given tensors\n"
             "  report RUN... [--out FILE]              self-contained HTML report of runs (overlaid)\n"
             "  tokenize --data text:PATH --vocab N --out FILE   learn a BPE tokenizer from text\n"
-            "  generate CHECKPOINT --prompt TEXT       continue a text with a GPT checkpoint\n\n"
+            "  generate CHECKPOINT --prompt TEXT       continue a text with a GPT checkpoint\n"
+            "  lora merge BASE ADAPTER --out FILE      fold LoRA adapters into their base checkpoint\n\n"
             "Every command takes --help. distill --version prints the version.\n",
             KD_VERSION);
 }
@@ -42,6 +43,7 @@ int main(int argc, char **argv) {
     if (strcmp(c, "tokenize") == 0) return cmd_tokenize(argc - 2, argv + 2);
     if (strcmp(c, "generate") == 0) return cmd_generate(argc - 2, argv + 2);
     if (strcmp(c, "report") == 0) return cmd_report(argc - 2, argv + 2);
+    if (strcmp(c, "lora") == 0) return cmd_lora(argc - 2, argv + 2);
     fprintf(stderr, "distill: unknown command '%s'\n\n", c);
     usage(stderr);
     return 2;

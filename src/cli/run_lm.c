@@ -23,6 +23,7 @@ typedef struct lm_stage {
     char role[32], spec[256];
     int64_t params;
     int ran, loaded;
+    int64_t adapter_params; /* LoRA student or OKD teacher adapters */
     kd_lm_train_result tr;
     kd_lm_eval_result val; /* final, with agreement when a teacher ran */
 } lm_stage;
@@ -37,6 +38,7 @@ typedef struct lm_run {
     char *tok_json;
     int seq, batch;
     kd_lm_train_opts base;
+    const char *lora_base; /* [lm] lora_base: the LoRA student's base weights */
 } lm_run;
 
 static int exists(const char *p) {
@@ -127,8 +129,14 @@ static kd_status train_one(lm_run *r, const kd_lm_setup *s, const char *const *t
     kd_status st = kd_lm_new(&lm, s, o->seed + (uint64_t)(stage->role[0]));
     if (st != KD_OK) return st;
     for (int i = 0; i < lm.n_teachers && st == KD_OK; i++) st = kd_lm_load(lm.g, &lm.teachers[i], tckpts[i]);
+    if (st == KD_OK && s->lora.r > 0) { /* LoRA: the frozen base comes from [lm] lora_base */
+        st = kd_lm_load(lm.g, &lm.m, r->lora_base);
+        if (st != KD_OK) st = kd_config_error(r->cfg, "lm", "lora_base", "%s", kd_error_message());
+    }
     snprintf(stage->spec, sizeof stage->spec, "%s", s->student);
     stage->params = kd_model_params(lm.g, &lm.m);
+    if (s->lora.r > 0) stage->adapter_params = kd_lora_params(lm.g, &lm.m);
+    if (s->okd) stage->adapter_params = kd_lora_params(lm.g, &lm.teachers[0]);
     if (!r->log->quiet)
         fprintf(stderr, "distill: %s %s (%lld parameters), %lld steps of %d x %d tokens%s\n", stage->role, s->student,
                 (long long)stage->params, (long long)o->steps, o->batch, r->seq,
@@ -141,6 +149,15 @@ static kd_status train_one(lm_run *r, const kd_lm_setup *s, const char *const *t
         /* the last evaluation of training, or a sweep with agreement and KL */
         stage->val = lm.n_teachers > 0 ? kd_lm_evaluate(&lm, &r->data, 1, o->batch, o->eval_windows, 1) : stage->tr.val;
         st = kd_lm_save(lm.g, &lm.m, r->data.vocab, r->tok_json, out);
+    }
+    char ap[4400];
+    if (st == KD_OK && s->lora.r > 0) { /* the adapters next to the (base) student: NAME.lora.safetensors */
+        snprintf(ap, sizeof ap, "%.*s.lora.safetensors", (int)(strlen(out) - (strstr(out, ".safetensors") ? 12 : 0)), out);
+        st = kd_lora_save(lm.g, &lm.m, &s->lora, r->data.vocab, ap);
+    }
+    if (st == KD_OK && s->okd) {
+        snprintf(ap, sizeof ap, "%s/teacher.lora.safetensors", r->dir);
+        st = kd_lora_save(lm.g, &lm.teachers[0], &s->okd_lora, r->data.vocab, ap);
     }
     kd_lm_free(&lm);
     return st;
@@ -178,6 +195,10 @@ static void stage_json(cJSON *root, const lm_stage *s) {
     if (s->val.with_teacher) {
         cJSON_AddNumberToObject(t, "agreement", s->val.agree);
         cJSON_AddNumberToObject(t, "kl_teacher", s->val.kl);
+    }
+    if (s->adapter_params) { /* LoRA student: its adapters; OKD: the teacher's adapted loss */
+        cJSON_AddNumberToObject(t, "adapter_params", (double)s->adapter_params);
+        if (s->val.with_teacher) cJSON_AddNumberToObject(t, "teacher_val_loss", s->val.t_loss);
     }
     if (!s->loaded) {
         cJSON_AddNumberToObject(t, "train_seconds", s->tr.train_seconds);
@@ -268,6 +289,29 @@ int cli_run_lm(const kd_config *cfg, const char *dir, int threads, kd_log *log) 
         (r.base.prompt < 1 || r.base.prompt >= r.seq))
         st = kd_config_error(cfg, "lm", "prompt", "must be in [1, %d)", r.seq);
     if (st == KD_OK && kd_config_int(cfg, "lm", "seqkd") < 0) st = kd_config_error(cfg, "lm", "seqkd", "must be >= 0");
+    kd_lora_cfg slora, tlora;
+    memset(&slora, 0, sizeof slora);
+    memset(&tlora, 0, sizeof tlora);
+    int okd = kd_config_int(cfg, "lm", "okd");
+    if (st == KD_OK && kd_lora_cfg_parse(kd_config_str(cfg, "lm", "lora"), &slora) != KD_OK)
+        st = kd_config_error(cfg, "lm", "lora", "%s", kd_error_message());
+    if (st == KD_OK && okd && kd_lora_cfg_parse(kd_config_str(cfg, "lm", "okd_lora"), &tlora) != KD_OK)
+        st = kd_config_error(cfg, "lm", "okd_lora", "%s", kd_error_message());
+    if (st == KD_OK && okd && tlora.r < 1) st = kd_config_error(cfg, "lm", "okd_lora", "OKD needs r=N (N >= 1)");
+    r.lora_base = kd_config_str(cfg, "lm", "lora_base");
+    if (st == KD_OK && slora.r > 0 && !*r.lora_base)
+        st = kd_config_error(cfg, "lm", "lora_base", "LoRA adapters need the student's base weights (a checkpoint)");
+    if (st == KD_OK && slora.r > 0 && r.base.onpolicy > 0.0f)
+        st = kd_config_error(cfg, "lm", "onpolicy", "on-policy sampling reads the student's base weights only: not "
+                                                    "available with [lm] lora (merge the adapters first)");
+    if (st == KD_OK && okd && *cache_path)
+        st = kd_config_error(cfg, "lm", "okd", "OKD trains the teacher's adapters: it needs the teacher itself, not "
+                                               "[teacher] cache");
+    if (st == KD_OK && okd) {
+        kd_loss_spec ls;
+        if (kd_loss_spec_parse(kd_config_str(cfg, "lm", "okd_loss"), &ls) != KD_OK)
+            st = kd_config_error(cfg, "lm", "okd_loss", "%s", kd_error_message());
+    }
     if (st == KD_OK && *sspec) {
         kd_loss_spec ls;
         st = kd_loss_spec_parse(loss, &ls);
@@ -333,7 +377,8 @@ int cli_run_lm(const kd_config *cfg, const char *dir, int threads, kd_log *log) 
         kd_lm_windows sw;
         kd_lm_train_opts o = r.base;
         o.role = "student";
-        kd_lm_setup s = {.student = sspec, .loss = loss, .vocab = r.data.vocab, .seq = r.seq, .max_batch = r.batch};
+        kd_lm_setup s = {.student = sspec, .loss = loss, .vocab = r.data.vocab, .seq = r.seq, .max_batch = r.batch,
+                         .lora = slora, .okd = okd, .okd_lora = tlora, .okd_loss = kd_config_str(cfg, "lm", "okd_loss")};
         if (st == KD_OK && cached) {
             st = kd_lm_cache_open(cache_path, &cache);
             if (st == KD_OK && (cache.vocab != r.data.vocab || cache.seq != r.seq))
@@ -350,7 +395,7 @@ int cli_run_lm(const kd_config *cfg, const char *dir, int threads, kd_log *log) 
             int reads = 0;
             if (kd_loss_spec_parse(loss, &ls) == KD_OK)
                 for (int i = 0; i < ls.n; i++) reads |= strcmp(ls.terms[i].name, "ce") != 0;
-            s.n_teachers = reads || r.base.onpolicy > 0.0f;
+            s.n_teachers = reads || r.base.onpolicy > 0.0f || okd;
             s.teachers[0] = tspec;
         }
         int nseq = kd_config_int(cfg, "lm", "seqkd");

@@ -123,6 +123,13 @@ static const entry schema[] = {
     {"textcls", "rationale", T_FLOAT, "0",
      "weight of the rationale tagging loss: the student tags the teacher's top-k saliency tokens (0: off)"},
     {"textcls", "rationale_k", T_INT, "8", "rationale tags: the k tokens of highest gradient x input saliency per document"},
+    {"lm", "lora", T_STR, "",
+     "LoRA adapters on the student, e.g. \"r=8 alpha=16 targets=attn,mlp\"; its base weights frozen (docs/losses/lora.md)"},
+    {"lm", "lora_base", T_STR, "", "LoRA: the student's base weights (a GPT checkpoint); required with [lm] lora"},
+    {"lm", "okd", T_BOOL, "0", "OKD: trainable adapters on the teacher, trained with the student (docs/losses/okd.md)"},
+    {"lm", "okd_lora", T_STR, "r=8 alpha=16 targets=all", "OKD: the teacher's adapters (LoRA spec)"},
+    {"lm", "okd_loss", T_STR, "ce + fkl",
+     "OKD: the teacher adapters' loss spec, roles swapped (s = the teacher, t = the student)"},
 };
 #define N_SCHEMA ((int)(sizeof schema / sizeof schema[0]))
 

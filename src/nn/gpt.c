@@ -19,6 +19,7 @@
 #include <string.h>
 
 #include "kd_gpt.h"
+#include "kd_lora.h"
 #include "kd_nn.h"
 
 static kd_node *normal_param(kd_graph *g, const char *name, int ndim, const int *shape, float std) {
@@ -27,8 +28,9 @@ static kd_node *normal_param(kd_graph *g, const char *name, int ndim, const int 
     return p;
 }
 
-/* a Linear layer named prefix with N(0, std) weights and zero bias */
-static kd_node *linear(kd_graph *g, const char *prefix, kd_node *x, int out, float std) {
+/* a Linear layer named prefix with N(0, std) weights and zero bias, and a
+ * LoRA adapter when lora (may be NULL) targets it */
+static kd_node *linear(kd_graph *g, const kd_lora_cfg *lora, const char *prefix, kd_node *x, int out, float std) {
     int in = x->val.shape[x->val.ndim - 1];
     char name[96];
     int ws[2] = {out, in}, bs[1] = {out};
@@ -36,6 +38,7 @@ static kd_node *linear(kd_graph *g, const char *prefix, kd_node *x, int out, flo
     kd_node *w = normal_param(g, name, 2, ws, std);
     snprintf(name, sizeof name, "%s.bias", prefix);
     kd_node *b = kd_param(g, name, 1, bs, KD_INIT_ZERO, in);
+    if (lora && lora->r > 0) return kd_lora_linear(g, lora, prefix, x, w, b);
     kd_node *y = kd_matmul(g, x, w, b);
     kd_node_set_name(y, "%s", prefix);
     return y;
@@ -48,6 +51,12 @@ static void tap(kd_model *m, kd_node *n, const char *name) {
 }
 
 kd_status kd_gpt_build(kd_graph *g, const kd_gpt_cfg *cfg, const char *prefix, kd_node *ids, kd_model *m) {
+    return kd_gpt_build_lora(g, cfg, prefix, ids, NULL, m);
+}
+
+kd_status kd_gpt_build_lora(kd_graph *g, const kd_gpt_cfg *cfg, const char *prefix, kd_node *ids,
+                            const kd_lora_cfg *lora, kd_model *m) {
+    int first = kd_graph_n_nodes(g);
     if (ids->val.ndim != 2)
         return kd_errorf(KD_ESHAPE, "gpt model '%s': input '%s' must be token ids (B, T)", m->spec, ids->name);
     int T = ids->val.shape[1], C = cfg->dim, V = cfg->vocab, L = cfg->layers;
@@ -70,16 +79,16 @@ kd_status kd_gpt_build(kd_graph *g, const kd_gpt_cfg *cfg, const char *prefix, k
         snprintf(pre, sizeof pre, "%sh.%d.ln_1", p, l);
         kd_node *a = kd_ln(g, pre, x);
         snprintf(pre, sizeof pre, "%sh.%d.attn.c_attn", p, l);
-        kd_node *qkv = linear(g, pre, a, 3 * C, std);
+        kd_node *qkv = linear(g, lora, pre, a, 3 * C, std);
         kd_node *y = kd_causal_attention(g, qkv, cfg->heads);
         snprintf(pre, sizeof pre, "%sh.%d.attn.c_proj", p, l);
-        x = kd_add(g, x, linear(g, pre, y, C, pstd));
+        x = kd_add(g, x, linear(g, lora, pre, y, C, pstd));
         snprintf(pre, sizeof pre, "%sh.%d.ln_2", p, l);
         kd_node *h = kd_ln(g, pre, x);
         snprintf(pre, sizeof pre, "%sh.%d.mlp.c_fc", p, l);
-        h = kd_gelu(g, linear(g, pre, h, 4 * C, std));
+        h = kd_gelu(g, linear(g, lora, pre, h, 4 * C, std));
         snprintf(pre, sizeof pre, "%sh.%d.mlp.c_proj", p, l);
-        x = kd_add(g, x, linear(g, pre, h, C, pstd));
+        x = kd_add(g, x, linear(g, lora, pre, h, C, pstd));
         snprintf(name, sizeof name, "h%d", l);
         tap(m, x, name);
     }
@@ -89,5 +98,10 @@ kd_status kd_gpt_build(kd_graph *g, const kd_gpt_cfg *cfg, const char *prefix, k
     m->feat = x;
     m->logits = kd_matmul(g, x, wte, NULL); /* the tied head */
     tap(m, m->logits, "logits");
+    if (lora && lora->r > 0) /* adapters on: the base weights are frozen */
+        for (int i = first; i < kd_graph_n_nodes(g); i++) {
+            kd_node *n = kd_graph_node(g, i);
+            if ((n->flags & KD_F_PARAM) && strncmp(n->name, "lora.", 5) != 0) n->flags |= KD_F_FROZEN;
+        }
     return KD_OK;
 }

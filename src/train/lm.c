@@ -128,13 +128,19 @@ kd_status kd_lm_new(kd_lm *lm, const kd_lm_setup *s, uint64_t seed) {
     lm->x = kd_input(lm->g, "x", 2, xs);
     lm->y = kd_input(lm->g, "y", 2, xs);
     lm->mask = kd_input(lm->g, "mask", 2, xs);
-    kd_status st = kd_model_build(lm->g, s->student, "s.", lm->x, s->vocab, &lm->m);
+    lm->lora = s->lora;
+    lm->okd = s->okd;
+    lm->okd_lora = s->okd_lora;
+    kd_status st = kd_lora_model_build(lm->g, s->student, "s.", lm->x, s->vocab, &s->lora, &lm->m);
     if (st != KD_OK) st = kd_error_prefix(st, "student model");
     if (st == KD_OK) {
         lm->ce = kd_cross_entropy(lm->g, lm->m.logits, lm->y, 0.0f);
         kd_node_set_name(lm->ce, "s.ce");
         lm->ce->flags |= KD_F_KEEP;
     }
+    if (st == KD_OK && s->okd && (s->n_teachers != 1 || s->cache_k > 0 || s->okd_lora.r < 1))
+        st = kd_errorf(KD_ECONFIG, "OKD needs exactly one teacher in the graph (not a cache) and adapters for it "
+                                   "(a rank r >= 1)");
     /* teachers */
     if (st == KD_OK && s->n_teachers > 0) {
         kd_graph_set_frozen(lm->g, 1);
@@ -143,7 +149,8 @@ kd_status kd_lm_new(kd_lm *lm, const kd_lm_setup *s, uint64_t seed) {
         for (int i = 0; i < s->n_teachers && st == KD_OK; i++) {
             char prefix[16];
             snprintf(prefix, sizeof prefix, i ? "t%d." : "t.", i);
-            st = kd_model_build(lm->g, s->teachers[i], prefix, lm->x, s->vocab, &lm->teachers[i]);
+            st = kd_lora_model_build(lm->g, s->teachers[i], prefix, lm->x, s->vocab, s->okd ? &s->okd_lora : NULL,
+                                     &lm->teachers[i]);
             if (st != KD_OK) {
                 st = kd_error_prefix(st, "teacher %d model", i + 1);
                 break;
@@ -187,6 +194,18 @@ kd_status kd_lm_new(kd_lm *lm, const kd_lm_setup *s, uint64_t seed) {
         if (st == KD_OK && lm->terms.uses_teacher && !lm->t_mix)
             st = kd_errorf(KD_ECONFIG, "loss '%s' reads a teacher, but none is configured", s->loss);
         if (st == KD_OK) lm->loss = lm->terms.total;
+    }
+    if (st == KD_OK && s->okd) { /* the teacher adapters' loss, roles swapped */
+        kd_loss_spec spec;
+        const char *ts = s->okd_loss && *s->okd_loss ? s->okd_loss : "ce + fkl";
+        st = kd_loss_spec_parse(ts, &spec);
+        kd_loss_inputs in = {.s_logits = lm->t_mix, .t_logits = lm->m.logits, .labels = lm->y, .mask = lm->mask,
+                             .proj_prefix = "okd."};
+        if (st == KD_OK) st = kd_loss_build(lm->g, &spec, &in, &lm->t_terms);
+        if (st != KD_OK)
+            st = kd_error_prefix(st, "OKD teacher loss '%s'", ts);
+        else
+            lm->loss = kd_add(lm->g, lm->loss, lm->t_terms.total);
     }
     if (st == KD_OK) {
         kd_node_set_name(lm->loss, "loss");
@@ -395,6 +414,9 @@ kd_status kd_lm_train(kd_lm *lm, const kd_text_data *d, const kd_lm_train_opts *
             for (int i = 0; i < lm->terms.n; i++)
                 fprintf(log->metrics, ",\"%d.%s\":%.6g", i + 1, lm->terms.terms[i].name,
                         (double)lm->terms.terms[i].value->val.data[0]);
+            for (int i = 0; i < lm->t_terms.n; i++) /* OKD: the teacher side */
+                fprintf(log->metrics, ",\"t.%d.%s\":%.6g", i + 1, lm->t_terms.terms[i].name,
+                        (double)lm->t_terms.terms[i].value->val.data[0]);
             fputs("}\n", log->metrics);
             win = 0.0;
             wsteps = 0;
