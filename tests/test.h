@@ -51,6 +51,14 @@ extern const char *kd_test_name;
         }                                                                                          \
     } while (0)
 
+/* tests/testutil.c: the distill binary under test ($KD_DISTILL, else
+ * build/distill); a shell command's exit status (128 when killed by a
+ * signal); a whole file, NUL-terminated and malloc'd (NULL when it cannot be
+ * read; len may be NULL). */
+const char *kd_test_bin(void);
+int kd_test_sh(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+char *kd_test_slurp(const char *path, size_t *len);
+
 /* Compares n floats; counts one check; prints up to 5 mismatches. */
 int kd_test_close_arrays(const char *what, const float *a, const float *b, long n, double atol, double rtol);
 #define CHECK_ARRAYS(what, a, b, n, atol, rtol)                                                       \

@@ -13,35 +13,9 @@
 #include "kd_train.h"
 #include "test.h"
 
-static const char *bin(void) { return getenv("KD_DISTILL") ? getenv("KD_DISTILL") : "build/distill"; }
-
-static int sh(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static int sh(const char *fmt, ...) {
-    char cmd[4096];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(cmd, sizeof cmd, fmt, ap);
-    va_end(ap);
-    int rc = system(cmd);
-    return WIFEXITED(rc) ? WEXITSTATUS(rc) : -1;
-}
-
-static char *slurp(const char *path) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    fseek(f, 0, SEEK_END);
-    long n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    char *b = calloc((size_t)n + 1, 1);
-    if (fread(b, 1, (size_t)n, f) != (size_t)n) n = 0;
-    b[n] = 0;
-    fclose(f);
-    return b;
-}
-
 /* the student's lines of a metrics file */
 static char *student_lines(const char *path) {
-    char *all = slurp(path);
+    char *all = kd_test_slurp(path, NULL);
     if (!all) return NULL;
     char *out = calloc(strlen(all) + 1, 1);
     for (char *line = strtok(all, "\n"); line; line = strtok(NULL, "\n"))
@@ -53,7 +27,7 @@ static char *student_lines(const char *path) {
 void test_cache(void) {
     char dir[512], ini[600], ck[600], cache[600], path[700], path2[700];
     snprintf(dir, sizeof dir, "%s/cache", kd_test_tmpdir());
-    sh("mkdir -p %s", dir);
+    kd_test_sh("mkdir -p %s", dir);
     snprintf(ini, sizeof ini, "%s/t.ini", dir);
     snprintf(ck, sizeof ck, "%s/teacher.safetensors", dir);
     FILE *f = fopen(ini, "w");
@@ -64,10 +38,10 @@ void test_cache(void) {
             dir, ck);
     fclose(f);
     TEST("a full-logit cache trains exactly like the online teacher") {
-        CHECK(sh("%s run %s --quiet --threads 2 --run.name=online > /dev/null", bin(), ini) == 0);
+        CHECK(kd_test_sh("%s run %s --quiet --threads 2 --run.name=online > /dev/null", kd_test_bin(), ini) == 0);
         snprintf(cache, sizeof cache, "%s/full.cache", dir);
-        CHECK(sh("%s cache %s --limit 600 --out %s > /dev/null", bin(), ck, cache) == 0);
-        CHECK(sh("%s run %s --quiet --threads 2 --run.name=cached --teacher.cache=%s > /dev/null", bin(), ini, cache) == 0);
+        CHECK(kd_test_sh("%s cache %s --limit 600 --out %s > /dev/null", kd_test_bin(), ck, cache) == 0);
+        CHECK(kd_test_sh("%s run %s --quiet --threads 2 --run.name=cached --teacher.cache=%s > /dev/null", kd_test_bin(), ini, cache) == 0);
         snprintf(path, sizeof path, "%s/runs/online/metrics.jsonl", dir);
         snprintf(path2, sizeof path2, "%s/runs/cached/metrics.jsonl", dir);
         char *a = student_lines(path), *b = student_lines(path2);
@@ -85,7 +59,7 @@ void test_cache(void) {
         char full[600], top[600];
         snprintf(full, sizeof full, "%s/full.cache", dir);
         snprintf(top, sizeof top, "%s/top3.cache", dir);
-        CHECK(sh("%s cache %s --limit 600 --topk 3 --out %s > /dev/null", bin(), ck, top) == 0);
+        CHECK(kd_test_sh("%s cache %s --limit 600 --topk 3 --out %s > /dev/null", kd_test_bin(), ck, top) == 0);
         kd_cache a, b;
         CHECK(kd_cache_open(full, &a) == KD_OK);
         CHECK(kd_cache_open(top, &b) == KD_OK);
@@ -123,25 +97,25 @@ void test_cache(void) {
     }
     TEST("augmented views: the run must draw the cached views") {
         snprintf(cache, sizeof cache, "%s/views.cache", dir);
-        CHECK(sh("%s cache %s --limit 600 --views 2 --crop 2 --flip 1 --seed 5 --out %s > /dev/null", bin(), ck, cache) ==
+        CHECK(kd_test_sh("%s cache %s --limit 600 --views 2 --crop 2 --flip 1 --seed 5 --out %s > /dev/null", kd_test_bin(), ck, cache) ==
               0);
         /* 3 epochs over 2 views: epoch 2 reuses view 0; every batch is checked */
-        CHECK(sh("%s run %s --quiet --threads 2 --run.name=views --run.seed=5 --data.crop=2 --data.flip=1 "
+        CHECK(kd_test_sh("%s run %s --quiet --threads 2 --run.name=views --run.seed=5 --data.crop=2 --data.flip=1 "
                  "--train.epochs=3 --teacher.cache=%s > /dev/null",
-                 bin(), ini, cache) == 0);
+                 kd_test_bin(), ini, cache) == 0);
         snprintf(path, sizeof path, "%s/err.txt", dir);
-        CHECK(sh("%s run %s --quiet --run.name=views2 --run.seed=6 --data.crop=2 --data.flip=1 --teacher.cache=%s 2> %s",
-                 bin(), ini, cache, path) == 1);
-        char *e = slurp(path);
+        CHECK(kd_test_sh("%s run %s --quiet --run.name=views2 --run.seed=6 --data.crop=2 --data.flip=1 --teacher.cache=%s 2> %s",
+                 kd_test_bin(), ini, cache, path) == 1);
+        char *e = kd_test_slurp(path, NULL);
         CHECK_MSG(e && strstr(e, "views.cache") && strstr(e, "seed 5"), "%s", e ? e : "");
         free(e);
-        CHECK(sh("%s run %s --quiet --run.name=views3 --teacher.cache=%s/full.cache --data.flip=1 2> /dev/null", bin(), ini,
+        CHECK(kd_test_sh("%s run %s --quiet --run.name=views3 --teacher.cache=%s/full.cache --data.flip=1 2> /dev/null", kd_test_bin(), ini,
                  dir) == 1);
     }
     TEST("assistant chain and born-again generations write every stage") {
-        CHECK(sh("%s run %s --quiet --threads 2 --run.name=chain --assistant.model=\"mlp: 30\" "
+        CHECK(kd_test_sh("%s run %s --quiet --threads 2 --run.name=chain --assistant.model=\"mlp: 30\" "
                  "--distill.generations=2 --train.epochs=1 > /dev/null",
-                 bin(), ini) == 0);
+                 kd_test_bin(), ini) == 0);
         const char *files[] = {"assistant", "student", "student_g2"};
         for (int i = 0; i < 3; i++) {
             snprintf(path, sizeof path, "%s/runs/chain/%s.safetensors", dir, files[i]);
@@ -150,28 +124,28 @@ void test_cache(void) {
             if (g) fclose(g);
         }
         snprintf(path, sizeof path, "%s/runs/chain/summary.json", dir);
-        char *j = slurp(path);
+        char *j = kd_test_slurp(path, NULL);
         CHECK(j && strstr(j, "\"assistant\"") && strstr(j, "\"student_g2\"") && strstr(j, "\"teacher\""));
         free(j);
     }
     TEST("bad caches are refused, naming the file") {
         snprintf(path, sizeof path, "%s/err.txt", dir);
         /* a checkpoint is not a cache */
-        CHECK(sh("%s run %s --quiet --run.name=bad --teacher.cache=%s 2> %s", bin(), ini, ck, path) == 1);
-        char *e = slurp(path);
+        CHECK(kd_test_sh("%s run %s --quiet --run.name=bad --teacher.cache=%s 2> %s", kd_test_bin(), ini, ck, path) == 1);
+        char *e = kd_test_slurp(path, NULL);
         CHECK_MSG(e && strstr(e, "not a teacher cache"), "%s", e ? e : "");
         free(e);
         /* a cache of fewer examples than the training set */
         snprintf(cache, sizeof cache, "%s/small.cache", dir);
-        CHECK(sh("%s cache %s --limit 100 --out %s > /dev/null", bin(), ck, cache) == 0);
-        CHECK(sh("%s run %s --quiet --run.name=bad2 --teacher.cache=%s 2> %s", bin(), ini, cache, path) == 1);
-        e = slurp(path);
+        CHECK(kd_test_sh("%s cache %s --limit 100 --out %s > /dev/null", kd_test_bin(), ck, cache) == 0);
+        CHECK(kd_test_sh("%s run %s --quiet --run.name=bad2 --teacher.cache=%s 2> %s", kd_test_bin(), ini, cache, path) == 1);
+        e = kd_test_slurp(path, NULL);
         CHECK_MSG(e && strstr(e, "100 examples"), "%s", e ? e : "");
         free(e);
         /* feature losses need the teacher's features */
-        CHECK(sh("%s run %s --quiet --run.name=bad3 --teacher.cache=%s/full.cache --distill.loss=\"fitnet\" 2> %s", bin(),
+        CHECK(kd_test_sh("%s run %s --quiet --run.name=bad3 --teacher.cache=%s/full.cache --distill.loss=\"fitnet\" 2> %s", kd_test_bin(),
                  ini, dir, path) == 1);
-        e = slurp(path);
+        e = kd_test_slurp(path, NULL);
         CHECK_MSG(e && strstr(e, "cache holds logits only"), "%s", e ? e : "");
         free(e);
     }

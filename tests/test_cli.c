@@ -35,32 +35,7 @@ typedef struct cli_res {
 static char T[200]; /* this area's directory: TMP/cli */
 static int n_calls;
 
-static const char *bin(void) {
-    const char *b = getenv("KD_DISTILL");
-    return b && *b ? b : "build/distill";
-}
-
 /* Whole file, NUL-terminated; NULL when it cannot be read. */
-static char *slurp(const char *path, size_t *len) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    size_t cap = 4096, n = 0, got;
-    char *buf = malloc(cap);
-    while (buf && (got = fread(buf + n, 1, cap - n - 1, f)) > 0) {
-        n += got;
-        if (n + 1 == cap) buf = realloc(buf, cap *= 2);
-    }
-    int bad = ferror(f);
-    fclose(f);
-    if (!buf || bad) {
-        free(buf);
-        return NULL;
-    }
-    buf[n] = '\0';
-    if (len) *len = n;
-    return buf;
-}
-
 static int spit(const char *path, const void *data, size_t n) {
     FILE *f = fopen(path, "wb");
     if (!f) return 0;
@@ -78,7 +53,7 @@ static int file_exists(const char *path) {
 
 static int same_bytes(const char *a, const char *b) {
     size_t na, nb;
-    char *x = slurp(a, &na), *y = slurp(b, &nb);
+    char *x = kd_test_slurp(a, &na), *y = kd_test_slurp(b, &nb);
     int same = x && y && na == nb && memcmp(x, y, na) == 0;
     free(x);
     free(y);
@@ -101,7 +76,7 @@ static int count_tmp_files(const char *dir) {
 static cli_res cli(const char *first, ...) {
     const char *argv[48];
     int argc = 0;
-    argv[argc++] = bin();
+    argv[argc++] = kd_test_bin();
     va_list ap;
     va_start(ap, first);
     for (const char *a = first; a && argc < 47; a = va_arg(ap, const char *)) argv[argc++] = a;
@@ -130,8 +105,8 @@ static cli_res cli(const char *first, ...) {
     } else if (WIFSIGNALED(status)) {
         r.sig = WTERMSIG(status);
     }
-    r.out = slurp(outp, NULL);
-    r.err = slurp(errp, NULL);
+    r.out = kd_test_slurp(outp, NULL);
+    r.err = kd_test_slurp(errp, NULL);
     if (!r.out) r.out = calloc(1, 1);
     if (!r.err) r.err = calloc(1, 1);
     return r;
@@ -202,7 +177,7 @@ static char *path_in(char *buf, const char *fmt, ...) {
 }
 
 static cJSON *read_json(const char *path) {
-    char *s = slurp(path, NULL);
+    char *s = kd_test_slurp(path, NULL);
     cJSON *j = s ? cJSON_Parse(s) : NULL;
     free(s);
     return j;
@@ -313,7 +288,7 @@ static int rewrite_ckpt(const char *src, const char *dst, rw_mode mode, const ch
     if (!hit || rc != KD_OK) return 0;
     if (mode != RW_U16) return 1;
     size_t n;
-    char *b = slurp(dst, &n);
+    char *b = kd_test_slurp(dst, &n);
     char *p = b && n > 8 ? strstr(b + 8, "\"I16\"") : NULL;
     if (p) p[1] = 'U';
     int ok = p && spit(dst, b, n);
@@ -500,7 +475,7 @@ static void test_data_errors(void) {
 
         /* truncated: header fine, payload cut in the middle of image 60 */
         size_t n;
-        char *b = slurp(img, &n);
+        char *b = kd_test_slurp(img, &n);
         CHECK(b && n == 16 + 120 * 784);
         spit(path_in(p, "trunc.idx"), b, 16 + 60 * 784 + 100);
         snprintf(spec, sizeof spec, "--data.train=idx:%s,%s", p, lab);
@@ -540,7 +515,7 @@ static void test_data_errors(void) {
         /* the intact .gz loads (it is the test set above); now flip its middle */
         write_images(path_in(p, "corrupt.idx.gz"), 120, 0, 1);
         size_t n;
-        uint8_t *b = (uint8_t *)slurp(p, &n);
+        uint8_t *b = (uint8_t *)kd_test_slurp(p, &n);
         CHECK(b && n > 400);
         if (b && n > 400) {
             snprintf(spec, sizeof spec, "--data.train=idx:%s,%s", p, lab);
@@ -555,7 +530,7 @@ static void test_data_errors(void) {
             /* cut short instead */
             write_images(p, 120, 0, 1);
             free(b);
-            b = (uint8_t *)slurp(p, &n);
+            b = (uint8_t *)kd_test_slurp(p, &n);
             spit(p, b, n / 2);
             r = cli("run", base_ini, "--run.name=idx_bad", spec, tspec, NULL);
             EXPECT_ERR(r, 0, p);
@@ -578,12 +553,12 @@ static void test_good_path(void) {
         CHECK(strstr(r.out, "teacher") != NULL);
         res_free(&r);
 
-        char *ini = slurp(path_in(p, "runs/good/config.ini"), NULL);
+        char *ini = kd_test_slurp(path_in(p, "runs/good/config.ini"), NULL);
         CHECK(ini && strstr(ini, "mlp: 32") && strstr(ini, "test_limit"));
         free(ini);
 
         size_t n;
-        char *m = slurp(path_in(p, "runs/good/metrics.jsonl"), &n);
+        char *m = kd_test_slurp(path_in(p, "runs/good/metrics.jsonl"), &n);
         CHECK(m && n > 0 && m[n - 1] == '\n');
         int lines = 0, bad = 0, evals = 0;
         for (char *s = m; s && *s;) {
@@ -644,7 +619,7 @@ static void test_good_path(void) {
         /* lr=1e30 would blow up at step 1 if it trained */
         path_in(p, "good_copy.safetensors");
         size_t n;
-        char *b = slurp(good_ckpt, &n);
+        char *b = kd_test_slurp(good_ckpt, &n);
         CHECK(b && spit(p, b, n));
         free(b);
         char opt[700];
@@ -695,7 +670,7 @@ static void test_checkpoint_errors(void) {
     }
     TEST("cli: eval rejects patched offsets and lengths") {
         size_t n;
-        uint8_t *b = (uint8_t *)slurp(good_ckpt, &n);
+        uint8_t *b = (uint8_t *)kd_test_slurp(good_ckpt, &n);
         CHECK(b && n > 8 && st_hlen(b) < n - 8);
         if (b && n > 8 && st_hlen(b) < n - 8) {
             uint64_t hl = st_hlen(b);
@@ -815,11 +790,11 @@ static void test_teacher_checkpoint_corrupt(void) {
         for (int i = 0; i < 300; i++) g[i] = (uint8_t)(i * 91 + 5);
         spit(path_in(p, "ck4/garbage.safetensors"), g, sizeof g);
         size_t n;
-        char *b = slurp(good_ckpt, &n);
+        char *b = kd_test_slurp(good_ckpt, &n);
         CHECK(b != NULL);
         if (b) spit(path_in(p, "ck4/cut.safetensors"), b, n / 2);
         free(b);
-        b = slurp(bn_ckpt, &n);
+        b = kd_test_slurp(bn_ckpt, &n);
         CHECK(b != NULL);
         if (b) spit(path_in(p, "ck4/other.safetensors"), b, n);
         free(b);
@@ -827,7 +802,7 @@ static void test_teacher_checkpoint_corrupt(void) {
         for (int i = 0; i < 3; i++) {
             path_in(p, "ck4/%s.safetensors", files[i]);
             path_in(q, "ck4/%s.orig", files[i]);
-            b = slurp(p, &n);
+            b = kd_test_slurp(p, &n);
             spit(q, b, n);
             free(b);
             snprintf(opt, sizeof opt, "--teacher.checkpoint=%s", p);
@@ -879,7 +854,7 @@ static void test_nan(void) {
         path_in(p, "runs/nan2/teacher.safetensors");
         path_in(q, "nan2_before.safetensors");
         size_t n;
-        char *b = slurp(p, &n);
+        char *b = kd_test_slurp(p, &n);
         CHECK(b && spit(q, b, n));
         free(b);
         r = cli("run", base_ini, "--run.name=nan2", "--train.lr=1e30", "--quiet", NULL);
@@ -902,7 +877,7 @@ static void test_determinism(void) {
         res_free(&r2);
         res_free(&r3);
         size_t n = 0;
-        char *s = slurp(path_in(a, "runs/det1/metrics.jsonl"), &n);
+        char *s = kd_test_slurp(path_in(a, "runs/det1/metrics.jsonl"), &n);
         CHECK(s && n > 100);
         free(s);
         CHECK(same_bytes(a, path_in(b, "runs/det2/metrics.jsonl")));
@@ -914,8 +889,8 @@ static void test_determinism(void) {
 void test_cli(void) {
     setup();
     TEST("cli: binary present") {
-        int ok = access(bin(), X_OK) == 0;
-        CHECK_MSG(ok, "%s not found or not executable (set KD_DISTILL)", bin());
+        int ok = access(kd_test_bin(), X_OK) == 0;
+        CHECK_MSG(ok, "%s not found or not executable (set KD_DISTILL)", kd_test_bin());
         if (!ok) return;
     }
     test_help();

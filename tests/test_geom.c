@@ -723,11 +723,9 @@ static void row_errors(void) {
 
 /* ============================================================ 6. distill loss */
 
-static const char *bin(void) { return getenv("KD_DISTILL") ? getenv("KD_DISTILL") : "build/distill"; }
-
 static int run_loss(const char *spec, const char *in, const char *out) {
     char cmd[2048];
-    snprintf(cmd, sizeof cmd, "%s loss \"%s\" --in %s --out %s > /dev/null 2>&1", bin(), spec, in, out);
+    snprintf(cmd, sizeof cmd, "%s loss \"%s\" --in %s --out %s > /dev/null 2>&1", kd_test_bin(), spec, in, out);
     int rc = system(cmd);
     return WIFEXITED(rc) ? WEXITSTATUS(rc) : -1;
 }

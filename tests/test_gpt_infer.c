@@ -843,21 +843,6 @@ typedef struct cli_res {
     size_t out_len;
 } cli_res;
 
-static char *slurp(const char *path, size_t *len) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return calloc(1, 1);
-    size_t cap = 4096, n = 0, got;
-    char *b = malloc(cap);
-    while ((got = fread(b + n, 1, cap - n - 1, f)) > 0) {
-        n += got;
-        if (n + 1 == cap) b = realloc(b, cap *= 2);
-    }
-    fclose(f);
-    b[n] = '\0';
-    if (len) *len = n;
-    return b;
-}
-
 static cli_res run_cli(const char *first, ...) {
     const char *argv[40];
     int argc = 0;
@@ -884,8 +869,8 @@ static cli_res run_cli(const char *first, ...) {
     }
     int status = 0;
     if (pid > 0 && waitpid(pid, &status, 0) == pid && WIFEXITED(status)) r.code = WEXITSTATUS(status);
-    r.out = slurp(op, &r.out_len);
-    r.err = slurp(ep, NULL);
+    r.out = kd_test_slurp(op, &r.out_len);
+    r.err = kd_test_slurp(ep, NULL);
     return r;
 }
 

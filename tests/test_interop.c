@@ -417,11 +417,6 @@ static void test_errors(void) {
 
 /* ---------------------------------------------------------------- CLI */
 
-static const char *bin(void) {
-    const char *b = getenv("KD_DISTILL");
-    return b && *b ? b : "build/distill";
-}
-
 static char err_text[8192];
 
 /* Runs distill with args (NULL-terminated); returns the exit code (-1 if it
@@ -429,7 +424,7 @@ static char err_text[8192];
 static int cli(const char *first, ...) {
     const char *argv[40];
     int argc = 0;
-    argv[argc++] = bin();
+    argv[argc++] = kd_test_bin();
     va_list ap;
     va_start(ap, first);
     for (const char *a = first; a && argc < 39; a = va_arg(ap, const char *)) argv[argc++] = a;

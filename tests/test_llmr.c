@@ -425,17 +425,6 @@ static int test_training(void) {
 
 /* ---------------------------------------------------------------- 5. CLI */
 
-static int sh(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static int sh(const char *fmt, ...) {
-    char cmd[4096];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(cmd, sizeof cmd, fmt, ap);
-    va_end(ap);
-    int rc = system(cmd);
-    return WIFEXITED(rc) ? WEXITSTATUS(rc) : 128;
-}
-
 static int file_has(const char *path, const char *what) {
     FILE *f = fopen(path, "rb");
     if (!f) return 0;
@@ -460,7 +449,7 @@ static void test_cli(void) {
             out, corpus, TSPEC, tck, SSPEC);
     fclose(f);
     TEST("distill run: KD warm start then [lm] llmr steps, sample_eval in metrics.jsonl") {
-        int rc = sh("%s run %s --quiet --threads 1 --run.name=a --lm.llmr=5 > %s/a.out 2>&1", bin, ini, dir);
+        int rc = kd_test_sh("%s run %s --quiet --threads 1 --run.name=a --lm.llmr=5 > %s/a.out 2>&1", bin, ini, dir);
         CHECK_MSG(rc == 0, "exit %d (see %s/a.out)", rc, dir);
         snprintf(p, sizeof p, "%s/a/metrics.jsonl", out);
         CHECK(file_has(p, "\"phase\":\"llmr\",\"step\":5,") && file_has(p, "\"2.fkl\"") &&
@@ -469,7 +458,7 @@ static void test_cli(void) {
         CHECK(file_has(p, "\"onpolicy_batches\":\t5"));
     }
     TEST("distill run: [lm] init starts the student from a checkpoint; llmr = steps skips the KD warm start") {
-        int rc = sh("%s run %s --quiet --threads 1 --run.name=b --lm.steps=3 --lm.llmr=3 --lm.init=%s/a/student.safetensors"
+        int rc = kd_test_sh("%s run %s --quiet --threads 1 --run.name=b --lm.steps=3 --lm.llmr=3 --lm.init=%s/a/student.safetensors"
                     " > %s/b.out 2>&1",
                     bin, ini, out, dir);
         CHECK_MSG(rc == 0, "exit %d", rc);
@@ -490,7 +479,7 @@ static void test_cli(void) {
             {"--lm.sample_eval=100000", "[lm] sample_eval"},
         };
         for (int i = 0; i < (int)(sizeof bad / sizeof bad[0]); i++) {
-            int rc = sh("%s run %s --quiet --threads 1 --run.name=bad%d %s > %s/bad.out 2>&1", bin, ini, i,
+            int rc = kd_test_sh("%s run %s --quiet --threads 1 --run.name=bad%d %s > %s/bad.out 2>&1", bin, ini, i,
                         bad[i].args, dir);
             snprintf(p, sizeof p, "%s/bad.out", dir);
             CHECK_MSG(rc != 0 && file_has(p, bad[i].want), "%s: exit %d, want '%s'", bad[i].args, rc, bad[i].want);

@@ -384,29 +384,6 @@ static void test_train_and_distill(void) {
 
 /* ---------------------------------------------------------------- CLI */
 
-static int sh(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static int sh(const char *fmt, ...) {
-    char cmd[4096];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(cmd, sizeof cmd, fmt, ap);
-    va_end(ap);
-    int rc = system(cmd);
-    return WIFEXITED(rc) ? WEXITSTATUS(rc) : 128;
-}
-
-static char *slurp(const char *path) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    fseek(f, 0, SEEK_END);
-    long n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    char *b = kd_malloc((size_t)n + 1);
-    b[fread(b, 1, (size_t)n, f)] = '\0';
-    fclose(f);
-    return b;
-}
-
 static void test_cli(void) {
     const char *bin = getenv("KD_DISTILL") ? getenv("KD_DISTILL") : "build/distill";
     char ini[512], out[512];
@@ -421,42 +398,42 @@ static void test_cli(void) {
             out, corpus, TSPEC, SSPEC);
     fclose(f);
     TEST("distill run on text: teacher, baseline and student with validation loss and agreement") {
-        int rc = sh("%s run %s --quiet --threads 1 > %s/run.out 2> %s/run.err", bin, ini, dir, dir);
+        int rc = kd_test_sh("%s run %s --quiet --threads 1 > %s/run.out 2> %s/run.err", bin, ini, dir, dir);
         CHECK_MSG(rc == 0, "exit %d", rc);
         char p[700];
         snprintf(p, sizeof p, "%s/tiny/summary.json", out);
-        char *s = slurp(p);
+        char *s = kd_test_slurp(p, NULL);
         CHECK_MSG(s && strstr(s, "\"teacher\"") && strstr(s, "\"baseline\"") && strstr(s, "\"student\"") &&
                       strstr(s, "\"val_ppl\"") && strstr(s, "\"agreement\""),
                   "%s", s ? s : "(no summary)");
         free(s);
         snprintf(p, sizeof p, "%s/tiny/metrics.jsonl", out);
-        s = slurp(p);
+        s = kd_test_slurp(p, NULL);
         CHECK(s && strstr(s, "\"role\":\"student\"") && strstr(s, "\"val_loss\""));
         free(s);
     }
     TEST("distill generate continues a prompt from the run's student, same seed same text") {
-        int a = sh("%s generate %s/tiny/student.safetensors --prompt 'the cat' --tokens 30 --seed 3 > %s/g1.txt 2>&1",
+        int a = kd_test_sh("%s generate %s/tiny/student.safetensors --prompt 'the cat' --tokens 30 --seed 3 > %s/g1.txt 2>&1",
                    bin, out, dir);
-        int b = sh("%s generate %s/tiny/student.safetensors --prompt 'the cat' --tokens 30 --seed 3 > %s/g2.txt 2>&1",
+        int b = kd_test_sh("%s generate %s/tiny/student.safetensors --prompt 'the cat' --tokens 30 --seed 3 > %s/g2.txt 2>&1",
                    bin, out, dir);
         CHECK(a == 0 && b == 0);
         char p1[600], p2[600];
         snprintf(p1, sizeof p1, "%s/g1.txt", dir);
         snprintf(p2, sizeof p2, "%s/g2.txt", dir);
-        char *s1 = slurp(p1), *s2 = slurp(p2);
+        char *s1 = kd_test_slurp(p1, NULL), *s2 = kd_test_slurp(p2, NULL);
         CHECK(s1 && s2 && strcmp(s1, s2) == 0 && strncmp(s1, "the cat", 7) == 0);
         free(s1);
         free(s2);
     }
     TEST("distill eval on text: the student's validation loss, as the run reported") {
-        int rc = sh("%s eval %s/tiny/student.safetensors --data text:%s --val 0.1 --seq 24 > %s/eval.txt 2>&1", bin,
+        int rc = kd_test_sh("%s eval %s/tiny/student.safetensors --data text:%s --val 0.1 --seq 24 > %s/eval.txt 2>&1", bin,
                     out, corpus, dir);
         char p[600];
         snprintf(p, sizeof p, "%s/eval.txt", dir);
-        char *s = slurp(p);
+        char *s = kd_test_slurp(p, NULL);
         snprintf(p, sizeof p, "%s/tiny/summary.json", out);
-        char *js = slurp(p);
+        char *js = kd_test_slurp(p, NULL);
         double want = -1, got = -2;
         const char *st = js ? strstr(js, "\"student\"") : NULL;
         const char *vl = st ? strstr(st, "\"val_loss\"") : NULL;
@@ -468,28 +445,28 @@ static void test_cli(void) {
                   s ? s : "");
         free(s);
         free(js);
-        rc = sh("%s eval %s/tiny/student.safetensors --data text:%s/nonexistent > /dev/null 2>&1", bin, out, dir);
+        rc = kd_test_sh("%s eval %s/tiny/student.safetensors --data text:%s/nonexistent > /dev/null 2>&1", bin, out, dir);
         CHECK(rc == 1);
     }
     TEST("distill cache (LM) then a cached run") {
-        int rc = sh("%s cache %s/tiny/teacher.safetensors --data text:%s --val 0.1 --seq 24 --topk 4 --out %s/c4.cache"
+        int rc = kd_test_sh("%s cache %s/tiny/teacher.safetensors --data text:%s --val 0.1 --seq 24 --topk 4 --out %s/c4.cache"
                     " --limit 30 > /dev/null 2> %s/cache.err",
                     bin, out, corpus, dir, dir);
         CHECK_MSG(rc == 0, "exit %d", rc);
-        rc = sh("%s run %s --quiet --threads 1 --run.name=cached --teacher.cache=%s/c4.cache "
+        rc = kd_test_sh("%s run %s --quiet --threads 1 --run.name=cached --teacher.cache=%s/c4.cache "
                 "--distill.loss='ce(weight=0.5)+fkl(weight=0.5)' --distill.baseline=0 > /dev/null 2> %s/run2.err",
                 bin, ini, dir, dir);
         CHECK_MSG(rc == 0, "exit %d", rc);
-        rc = sh("%s run %s --quiet --threads 1 --run.name=cached2 --teacher.cache=%s/c4.cache "
+        rc = kd_test_sh("%s run %s --quiet --threads 1 --run.name=cached2 --teacher.cache=%s/c4.cache "
                 "--distill.loss='fkl(T=3)' --distill.baseline=0 > /dev/null 2> %s/run3.err",
                 bin, ini, dir, dir);
         CHECK(rc == 1);
     }
     TEST("BPE end to end: distill tokenize, a run with [lm] tokenizer, generate decodes with the checkpoint's tokenizer") {
-        int rc = sh("%s tokenize --data text:%s --vocab 300 --val 0.1 --out %s/tok.json > /dev/null 2>&1", bin, corpus,
+        int rc = kd_test_sh("%s tokenize --data text:%s --vocab 300 --val 0.1 --out %s/tok.json > /dev/null 2>&1", bin, corpus,
                     dir);
         CHECK_MSG(rc == 0, "tokenize exit %d", rc);
-        rc = sh("%s run %s --quiet --threads 1 --run.name=bpe --lm.tokenizer=%s/tok.json --lm.steps=20 "
+        rc = kd_test_sh("%s run %s --quiet --threads 1 --run.name=bpe --lm.tokenizer=%s/tok.json --lm.steps=20 "
                 "--distill.baseline=0 > /dev/null 2> %s/bpe.err",
                 bin, ini, dir, dir);
         CHECK_MSG(rc == 0, "run exit %d", rc);
@@ -499,19 +476,19 @@ static void test_cli(void) {
         int ok = kd_st_read(p, &st) == KD_OK;
         CHECK_MSG(ok && kd_st_meta(&st, "tokenizer") && atoi(kd_st_meta(&st, "vocab")) > 256, "%s", kd_error_message());
         if (ok) kd_st_free(&st);
-        rc = sh("%s generate %s --prompt 'the dog sat' --tokens 12 --seed 2 > %s/bpe_gen.txt 2>&1", bin, p, dir);
+        rc = kd_test_sh("%s generate %s --prompt 'the dog sat' --tokens 12 --seed 2 > %s/bpe_gen.txt 2>&1", bin, p, dir);
         snprintf(p, sizeof p, "%s/bpe_gen.txt", dir);
-        char *s = slurp(p);
+        char *s = kd_test_slurp(p, NULL);
         /* 12 BPE tokens decode to at least 12 bytes after the prompt */
         CHECK_MSG(rc == 0 && s && strncmp(s, "the dog sat", 11) == 0 && strlen(s) >= 11 + 12 + 1, "rc %d: %s", rc,
                   s ? s : "");
         free(s);
     }
     TEST("distill run on text refuses a non-GPT model with a message naming the key") {
-        int rc = sh("%s run %s --quiet --student.model='mlp: 32' > /dev/null 2> %s/bad.err", bin, ini, dir);
+        int rc = kd_test_sh("%s run %s --quiet --student.model='mlp: 32' > /dev/null 2> %s/bad.err", bin, ini, dir);
         char p[600];
         snprintf(p, sizeof p, "%s/bad.err", dir);
-        char *s = slurp(p);
+        char *s = kd_test_slurp(p, NULL);
         CHECK_MSG(rc != 0 && s && strstr(s, "[student] model") && strstr(s, "gpt"), "rc %d: %s", rc, s ? s : "");
         free(s);
     }

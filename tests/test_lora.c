@@ -17,29 +17,6 @@
 
 static char dir[300];
 
-static int sh(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static int sh(const char *fmt, ...) {
-    char cmd[4096];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(cmd, sizeof cmd, fmt, ap);
-    va_end(ap);
-    int rc = system(cmd);
-    return WIFEXITED(rc) ? WEXITSTATUS(rc) : 128;
-}
-
-static char *slurp(const char *path) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    fseek(f, 0, SEEK_END);
-    long n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    char *b = kd_malloc((size_t)n + 1);
-    b[fread(b, 1, (size_t)n, f)] = '\0';
-    fclose(f);
-    return b;
-}
-
 static void test_spec(void) {
     TEST("lora spec: keys, defaults, canonical string, errors name the token") {
         kd_lora_cfg c;
@@ -268,7 +245,7 @@ static void test_files(void) {
     }
     TEST("distill lora merge: the CLI writes the library's merge; bad usage exits 2, a bad file 1") {
         if (!ok) break;
-        int rc = sh("%s lora merge %s %s --out %s > /dev/null 2>&1", bin, bp, ap, cp);
+        int rc = kd_test_sh("%s lora merge %s %s --out %s > /dev/null 2>&1", bin, bp, ap, cp);
         CHECK_MSG(rc == 0, "exit %d", rc);
         kd_safetensors a, b;
         memset(&a, 0, sizeof a);
@@ -283,9 +260,9 @@ static void test_files(void) {
         CHECK(a.buf && kd_st_meta(&a, "model") && strcmp(kd_st_meta(&a, "model"), lm.m.spec) == 0);
         if (a.buf) kd_st_free(&a);
         if (b.buf) kd_st_free(&b);
-        CHECK(sh("%s lora merge %s --out %s > /dev/null 2>&1", bin, bp, cp) == 2);
-        CHECK(sh("%s lora merge %s %s > /dev/null 2>&1", bin, bp, ap) == 2);
-        CHECK(sh("%s lora merge %s %s --out %s > /dev/null 2>&1", bin, bp, bp, cp) == 1);
+        CHECK(kd_test_sh("%s lora merge %s --out %s > /dev/null 2>&1", bin, bp, cp) == 2);
+        CHECK(kd_test_sh("%s lora merge %s %s > /dev/null 2>&1", bin, bp, ap) == 2);
+        CHECK(kd_test_sh("%s lora merge %s %s --out %s > /dev/null 2>&1", bin, bp, bp, cp) == 1);
     }
     TEST("lora: adapters for another model, rank or shape are refused with the file and the reason") {
         if (!ok) break;
@@ -484,30 +461,30 @@ static void test_cli(void) {
             out, corpus);
     fclose(f);
     TEST("distill run with [lm] okd: teacher adapters saved, merged teacher loads; metrics log both sides") {
-        int rc = sh("%s run %s --run.name=okd --lm.okd=1 --lm.okd_lora='r=2 alpha=4' --quiet --threads 1 > /dev/null "
+        int rc = kd_test_sh("%s run %s --run.name=okd --lm.okd=1 --lm.okd_lora='r=2 alpha=4' --quiet --threads 1 > /dev/null "
                     "2> %s/okd.err",
                     bin, ini, dir);
         CHECK_MSG(rc == 0, "exit %d", rc);
         char p[700], q[700], m[700];
         snprintf(p, sizeof p, "%s/okd/summary.json", out);
-        char *s = slurp(p);
+        char *s = kd_test_slurp(p, NULL);
         CHECK_MSG(s && strstr(s, "\"adapter_params\"") && strstr(s, "\"teacher_val_loss\""), "%s", s ? s : "");
         free(s);
         snprintf(p, sizeof p, "%s/okd/metrics.jsonl", out);
-        s = slurp(p);
+        s = kd_test_slurp(p, NULL);
         CHECK(s && strstr(s, "\"t.1.ce\"") && strstr(s, "\"t.2.fkl\""));
         free(s);
         snprintf(p, sizeof p, "%s/okd/teacher.safetensors", out);
         snprintf(q, sizeof q, "%s/okd/teacher.lora.safetensors", out);
         snprintf(m, sizeof m, "%s/okd_teacher_merged.safetensors", dir);
         CHECK(kd_lora_merge(p, q, m) == KD_OK);
-        rc = sh("%s generate %s --prompt 'the' --tokens 5 > /dev/null 2>&1", bin, m);
+        rc = kd_test_sh("%s generate %s --prompt 'the' --tokens 5 > /dev/null 2>&1", bin, m);
         CHECK(rc == 0);
     }
     TEST("distill run with [lm] lora: adapters on the student, base from lora_base; merged eval equals the run's") {
         char base[700];
         snprintf(base, sizeof base, "%s/okd/student.safetensors", out);
-        int rc = sh("%s run %s --run.name=lora --lm.lora='r=2 alpha=4 targets=attn' --lm.lora_base=%s "
+        int rc = kd_test_sh("%s run %s --run.name=lora --lm.lora='r=2 alpha=4 targets=attn' --lm.lora_base=%s "
                     "--teacher.checkpoint=%s/okd/teacher.safetensors --quiet --threads 1 > /dev/null 2> %s/lora.err",
                     bin, ini, base, out, dir);
         CHECK_MSG(rc == 0, "exit %d", rc);
@@ -515,7 +492,7 @@ static void test_cli(void) {
         snprintf(p, sizeof p, "%s/lora/student.safetensors", out);
         snprintf(q, sizeof q, "%s/lora/student.lora.safetensors", out);
         snprintf(m, sizeof m, "%s/lora_merged.safetensors", dir);
-        CHECK(sh("%s lora merge %s %s --out %s > /dev/null 2>&1", bin, p, q, m) == 0);
+        CHECK(kd_test_sh("%s lora merge %s %s --out %s > /dev/null 2>&1", bin, p, q, m) == 0);
         /* the base is unchanged by training: the run's student.safetensors equals lora_base */
         kd_safetensors a, b;
         memset(&a, 0, sizeof a);
@@ -541,7 +518,7 @@ static void test_cli(void) {
             kd_text_free(&d);
         }
         snprintf(p, sizeof p, "%s/lora/summary.json", out);
-        char *js = slurp(p);
+        char *js = kd_test_slurp(p, NULL);
         const char *st = js ? strstr(js, "\"student\"") : NULL;
         const char *vl = st ? strstr(st, "\"val_loss\"") : NULL;
         if (vl) sscanf(strchr(vl, ':') + 1, "%lf", &want);
@@ -556,17 +533,17 @@ static void test_cli(void) {
     TEST("distill run refuses [lm] lora without lora_base, and with on-policy batches, naming the key") {
         char e[600];
         snprintf(e, sizeof e, "%s/bad.err", dir);
-        int rc = sh("%s run %s --run.name=bad --lm.lora='r=2' --quiet > /dev/null 2> %s", bin, ini, e);
-        char *s = slurp(e);
+        int rc = kd_test_sh("%s run %s --run.name=bad --lm.lora='r=2' --quiet > /dev/null 2> %s", bin, ini, e);
+        char *s = kd_test_slurp(e, NULL);
         CHECK_MSG(rc != 0 && s && strstr(s, "[lm] lora_base"), "rc %d: %s", rc, s ? s : "");
         free(s);
-        rc = sh("%s run %s --run.name=bad --lm.lora='r=2' --lm.lora_base=x --lm.onpolicy=0.5 --lm.prompt=4 --quiet > /dev/null 2> %s",
+        rc = kd_test_sh("%s run %s --run.name=bad --lm.lora='r=2' --lm.lora_base=x --lm.onpolicy=0.5 --lm.prompt=4 --quiet > /dev/null 2> %s",
                 bin, ini, e);
-        s = slurp(e);
+        s = kd_test_slurp(e, NULL);
         CHECK_MSG(rc != 0 && s && strstr(s, "[lm] onpolicy"), "rc %d: %s", rc, s ? s : "");
         free(s);
-        rc = sh("%s run %s --run.name=bad --lm.lora='r=2 targets=emb' --quiet > /dev/null 2> %s", bin, ini, e);
-        s = slurp(e);
+        rc = kd_test_sh("%s run %s --run.name=bad --lm.lora='r=2 targets=emb' --quiet > /dev/null 2> %s", bin, ini, e);
+        s = kd_test_slurp(e, NULL);
         CHECK_MSG(rc != 0 && s && strstr(s, "[lm] lora") && strstr(s, "'emb'"), "rc %d: %s", rc, s ? s : "");
         free(s);
     }

@@ -524,19 +524,6 @@ static int run_cmd(const char *cmd) {
     return WIFEXITED(r) ? WEXITSTATUS(r) : -1;
 }
 
-static char *slurp(const char *path) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    fseek(f, 0, SEEK_END);
-    long n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    char *b = kd_malloc((size_t)n + 1);
-    size_t got = fread(b, 1, (size_t)n, f);
-    b[got] = '\0';
-    fclose(f);
-    return b;
-}
-
 static void test_cli(void) {
     TEST("distill run with [multitask]: teachers trained when missing, per-task summary = distill eval") {
         const char *bin = getenv("KD_DISTILL") ? getenv("KD_DISTILL") : "build/distill";
@@ -566,7 +553,7 @@ static void test_cli(void) {
         struct stat sb;
         CHECK(stat(p, &sb) == 0);
         snprintf(p, sizeof p, "%s/runs/mt/summary.json", dir);
-        char *js = slurp(p);
+        char *js = kd_test_slurp(p, NULL);
         cJSON *root = js ? cJSON_Parse(js) : NULL;
         CHECK_MSG(root != NULL, "no summary.json");
         double acc = -1.0, tacc = -1.0;
@@ -588,7 +575,7 @@ static void test_cli(void) {
         code = run_cmd(cmd);
         CHECK_MSG(code == 0, "distill eval exited %d", code);
         snprintf(p, sizeof p, "%s/eval.txt", dir);
-        char *ev = slurp(p);
+        char *ev = kd_test_slurp(p, NULL);
         double eacc = -1.0;
         const char *q = ev ? strstr(ev, "accuracy ") : NULL;
         if (q) eacc = atof(q + 9) / 100.0;
@@ -600,7 +587,7 @@ static void test_cli(void) {
         code = run_cmd(cmd);
         CHECK(code == 0);
         snprintf(p, sizeof p, "%s/runs/mt/summary.json", dir);
-        char *js2 = slurp(p);
+        char *js2 = kd_test_slurp(p, NULL);
         cJSON *r2 = js2 ? cJSON_Parse(js2) : NULL;
         if (r2) {
             cJSON *a2 = cJSON_GetObjectItem(
@@ -623,7 +610,7 @@ static void test_cli(void) {
             snprintf(cmd, sizeof cmd, "%s run %s --quiet %s > %s/bad.txt 2>&1", bin, ini, bad[i][0], dir);
             code = run_cmd(cmd);
             snprintf(p, sizeof p, "%s/bad.txt", dir);
-            char *e = slurp(p);
+            char *e = kd_test_slurp(p, NULL);
             CHECK_MSG(code != 0 && e && strstr(e, bad[i][1]), "%s: exit %d, '%s'", bad[i][0], code, e ? e : "");
             free(e);
         }

@@ -503,12 +503,7 @@ static void test_spec(void) {
 
 /* ============================================================ 5b. the CLI */
 
-static const char *bin(void) {
-    const char *b = getenv("KD_DISTILL");
-    return b && *b ? b : "build/distill";
-}
-
-/* runs bin() with argv (NULL-terminated), stdout+stderr to `log`; exit code or -1 */
+/* runs kd_test_bin() with argv (NULL-terminated), stdout+stderr to `log`; exit code or -1 */
 static int run_cli(const char **argv, const char *log) {
     fflush(stdout);
     fflush(stderr);
@@ -562,9 +557,9 @@ static void test_cli(void) {
         rc = kd_st_write(w, in);
         kd_st_writer_free(w);
         CHECK_MSG(rc == KD_OK, "%s", kd_error_message());
-        const char *argv[] = {bin(), "loss", "rlkd(k=4)", "--in", in, "--out", out, NULL};
+        const char *argv[] = {kd_test_bin(), "loss", "rlkd(k=4)", "--in", in, "--out", out, NULL};
         int code = run_cli(argv, log);
-        CHECK_MSG(code == 0, "%s exited %d (log %s)", bin(), code, log);
+        CHECK_MSG(code == 0, "%s exited %d (log %s)", kd_test_bin(), code, log);
         if (code != 0) return;
         rc = kd_st_read(out, &st);
         CHECK_MSG(rc == KD_OK, "%s", kd_error_message());
@@ -579,11 +574,11 @@ static void test_cli(void) {
         double gmax = 0.0;
         for (int i = 0; i < n; i++) gmax = fmax(gmax, fabs(ge[i]));
         if (rc == KD_OK) CHECK_ARRAYS("cli grad.s_logits", g, ge, n, 1e-6 * gmax, 1e-5);
-        const char *bad_k[] = {bin(), "loss", "rlkd(k=99)", "--in", in, "--out", out, NULL};
+        const char *bad_k[] = {kd_test_bin(), "loss", "rlkd(k=99)", "--in", in, "--out", out, NULL};
         code = run_cli(bad_k, log);
         CHECK_MSG(code == 1 && log_has(log, "distill: error: loss 'rlkd': k=99 is outside [2, 37]"),
                   "k=99: exit %d (log %s)", code, log);
-        const char *bad_tau[] = {bin(), "loss", "rlkd(tau=0)", "--in", in, "--out", out, NULL};
+        const char *bad_tau[] = {kd_test_bin(), "loss", "rlkd(tau=0)", "--in", in, "--out", out, NULL};
         code = run_cli(bad_tau, log);
         CHECK_MSG(code == 1 && log_has(log, "tau=0 must be > 0"), "tau=0: exit %d (log %s)", code, log);
     }

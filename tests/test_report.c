@@ -31,20 +31,6 @@
 
 static char T[200]; /* this area's directory: TMP/report */
 
-static char *slurp(const char *path) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    size_t cap = 1 << 16, n = 0, got;
-    char *b = malloc(cap);
-    while (b && (got = fread(b + n, 1, cap - n - 1, f)) > 0) {
-        n += got;
-        if (n + 1 == cap) b = realloc(b, cap *= 2);
-    }
-    fclose(f);
-    if (b) b[n] = '\0';
-    return b;
-}
-
 static int spit(const char *path, const char *text) {
     FILE *f = fopen(path, "wb");
     if (!f) return 0;
@@ -417,7 +403,7 @@ static int result_acc(const char *h, const char *run, const char *role, double v
 static char *report_of(const char *const *dirs, int n, const char *out, kd_status *st) {
     *st = kd_report_write(dirs, n, out);
     if (*st != KD_OK) fprintf(stderr, "  kd_report_write: %s\n", kd_error_message());
-    return *st == KD_OK ? slurp(out) : NULL;
+    return *st == KD_OK ? kd_test_slurp(out, NULL) : NULL;
 }
 
 /* ---------- the library ---------- */
@@ -675,8 +661,8 @@ static cli_res cli(const char *first, ...) {
     }
     int status;
     if (pid > 0 && waitpid(pid, &status, 0) == pid && WIFEXITED(status)) r.code = WEXITSTATUS(status);
-    r.out = slurp(outp);
-    r.err = slurp(errp);
+    r.out = kd_test_slurp(outp, NULL);
+    r.err = kd_test_slurp(errp, NULL);
     if (!r.out) r.out = calloc(1, 1);
     if (!r.err) r.err = calloc(1, 1);
     return r;
@@ -726,7 +712,7 @@ static void test_cli_report(void) {
         cli_res r = cli("report", dir, NULL);
         CHECK(r.code == 0 && strstr(r.out, p));
         res_free(&r);
-        char *h = slurp(p);
+        char *h = kd_test_slurp(p, NULL);
         CHECK(h && structure_ok(h) && strstr(h, "<svg"));
         free(h);
     }
@@ -735,7 +721,7 @@ static void test_cli_report(void) {
         cli_res r = cli("report", dir, d2, "--out", out, NULL);
         CHECK(r.code == 0);
         res_free(&r);
-        char *h = slurp(out);
+        char *h = kd_test_slurp(out, NULL);
         CHECK(h && strstr(h, "data-run=\"alpha\"") && strstr(h, "data-run=\"runB\""));
         free(h);
     }
@@ -767,7 +753,7 @@ static void test_cli_report(void) {
         if (r.code) fprintf(stderr, "  %s", r.err);
         res_free(&r);
         snprintf(p, sizeof p, "%s/tiny/metrics.jsonl", runs);
-        char *m = slurp(p);
+        char *m = kd_test_slurp(p, NULL);
         CHECK(m != NULL);
         n_expect = 0;
         for (char *s = m; s && *s;) { /* the expected points, read with cJSON */
@@ -787,12 +773,12 @@ static void test_cli_report(void) {
         free(m);
         CHECK_MSG(n_expect == 8 * 2 + 2 * 3, "%d values", n_expect); /* 8 steps x (loss, lr), 2 epochs x 3 */
         snprintf(p, sizeof p, "%s/tiny/report.html", runs);
-        char *h = slurp(p);
+        char *h = kd_test_slurp(p, NULL);
         CHECK(h && structure_ok(h) && self_contained(h) && points_match(h));
         CHECK(h && strstr(h, "(recorded by the run)") && !strstr(h, "did not finish"));
         free(h);
         snprintf(p, sizeof p, "%s/tiny/summary.json", runs);
-        char *s = slurp(p);
+        char *s = kd_test_slurp(p, NULL);
         cJSON *j = s ? cJSON_Parse(s) : NULL;
         const cJSON *cpu = cJSON_GetObjectItemCaseSensitive(cJSON_GetObjectItemCaseSensitive(j, "machine"), "cpu");
         CHECK(cJSON_IsString(cpu) && cpu->valuestring[0]);
@@ -804,7 +790,7 @@ static void test_cli_report(void) {
         CHECK(r.code == 1 && one_error(&r, "step"));
         res_free(&r);
         snprintf(p, sizeof p, "%s/tiny_nan/report.html", runs);
-        char *h = slurp(p);
+        char *h = kd_test_slurp(p, NULL);
         CHECK(h && structure_ok(h) && strstr(h, "no summary.json: the run did not finish"));
         free(h);
         snprintf(p, sizeof p, "%s/tiny_nan/summary.json", runs);

@@ -42,21 +42,6 @@ static int n_spawned;
 
 /* ---------------------------------------------------------------- files */
 
-static char *slurp(const char *path, size_t *len) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    size_t cap = 4096, n = 0, got;
-    char *b = malloc(cap);
-    while ((got = fread(b + n, 1, cap - n - 1, f)) > 0) {
-        n += got;
-        if (n + 1 == cap) b = realloc(b, cap *= 2);
-    }
-    fclose(f);
-    b[n] = '\0';
-    if (len) *len = n;
-    return b;
-}
-
 static int spit(const char *path, const void *data, size_t n) {
     FILE *f = fopen(path, "wb");
     if (!f) return 0;
@@ -66,7 +51,7 @@ static int spit(const char *path, const void *data, size_t n) {
 
 static int same_bytes(const char *a, const char *b) {
     size_t na, nb;
-    char *x = slurp(a, &na), *y = slurp(b, &nb);
+    char *x = kd_test_slurp(a, &na), *y = kd_test_slurp(b, &nb);
     int same = x && y && na == nb && memcmp(x, y, na) == 0;
     if (!same) fprintf(stderr, "  %s (%zu bytes) and %s (%zu bytes) differ\n", a, x ? na : 0, b, y ? nb : 0);
     free(x);
@@ -150,18 +135,13 @@ typedef struct res {
     char *out, *err;
 } res;
 
-static const char *bin(void) {
-    const char *b = getenv("KD_DISTILL");
-    return b && *b ? b : "build/distill";
-}
-
 /* Starts `distill run INI --run.name=NAME ARGS...` (NULL-terminated) with
  * stdout and stderr to files; stderr to fd err_fd instead when >= 0. */
 static proc spawn_fd(int err_fd, const char *name, va_list ap) {
     const char *argv[40];
     char nm[128];
     int argc = 0;
-    argv[argc++] = bin();
+    argv[argc++] = kd_test_bin();
     argv[argc++] = "run";
     argv[argc++] = ini;
     snprintf(nm, sizeof nm, "--run.name=%s", name);
@@ -213,8 +193,8 @@ static res finish(proc *p) {
     } else if (WIFSIGNALED(status)) {
         r.sig = WTERMSIG(status);
     }
-    r.out = slurp(p->out, NULL);
-    r.err = slurp(p->err, NULL);
+    r.out = kd_test_slurp(p->out, NULL);
+    r.err = kd_test_slurp(p->err, NULL);
     if (!r.out) r.out = calloc(1, 1);
     if (!r.err) r.err = calloc(1, 1);
     return r;
@@ -276,7 +256,7 @@ static int error_names(const res *r, const char *const *needles) {
 #define ERROR_NAMES(r, ...) CHECK(error_names(&(r), (const char *const[]){__VA_ARGS__, NULL}))
 
 static cJSON *read_json(const char *path) {
-    char *s = slurp(path, NULL);
+    char *s = kd_test_slurp(path, NULL);
     cJSON *j = s ? cJSON_Parse(s) : NULL;
     free(s);
     return j;
@@ -393,7 +373,7 @@ static void test_state_file(void) {
     }
     TEST("state: a non-finite model is never saved") {
         size_t n0;
-        char *before = slurp(path, &n0);
+        char *before = kd_test_slurp(path, &n0);
         CHECK(kd_state_nonfinite(a.g, oa) == NULL);
         kd_node *w = kd_graph_find(a.g, "head.bias");
         CHECK(w != NULL);
@@ -410,7 +390,7 @@ static void test_state_file(void) {
         CHECK(kd_state_save(path, a.g, oa, &s, cfg) == KD_ENUMERIC);
         oa->v[3] = 0.0f;
         size_t n1;
-        char *after = slurp(path, &n1);
+        char *after = kd_test_slurp(path, &n1);
         CHECK(before && after && n0 == n1 && memcmp(before, after, n0) == 0);
         free(before);
         free(after);
@@ -479,7 +459,7 @@ static void test_reference(void) {
         a_lines = count_lines(a_metrics);
         /* 3 stages x (3 epochs x 19 steps + 3 evaluations) */
         CHECK_MSG(a_lines == 180, "%d lines", a_lines);
-        char *m = slurp(a_metrics, NULL);
+        char *m = kd_test_slurp(a_metrics, NULL);
         a_teacher_lines = 0;
         for (char *s = m; s && (s = strstr(s, "\"role\":\"teacher\"")); s++) a_teacher_lines++;
         free(m);
@@ -628,15 +608,15 @@ static void test_refusals(void) {
     run_file(weights, "bad", "teacher.safetensors");
     snprintf(keep, sizeof keep, "%s/bad_teacher_copy.safetensors", T);
     size_t nw;
-    char *w = slurp(weights, &nw);
+    char *w = kd_test_slurp(weights, &nw);
     CHECK(stopped && w && exists(state) && spit(keep, w, nw));
     free(w);
     TEST("resume: a changed config key is refused, naming it") {
-        char *cfg0 = slurp(run_file(q, "bad", "config.ini"), NULL);
+        char *cfg0 = kd_test_slurp(run_file(q, "bad", "config.ini"), NULL);
         r = run("bad", "--quiet", "--resume", "--train.lr=0.07", NULL);
         ERROR_NAMES(r, "[train] lr", "'0.05'", "'0.07'", "progress.json");
         res_free(&r);
-        char *cfg1 = slurp(q, NULL);
+        char *cfg1 = kd_test_slurp(q, NULL);
         CHECK(cfg0 && cfg1 && !strcmp(cfg0, cfg1)); /* config.ini not rewritten */
         free(cfg0);
         free(cfg1);
@@ -644,7 +624,7 @@ static void test_refusals(void) {
     }
     TEST("resume: a corrupt state is refused, naming it; the weights stay") {
         size_t n;
-        char *s = slurp(state, &n);
+        char *s = kd_test_slurp(state, &n);
         char *orig = malloc(n);
         memcpy(orig, s, n);
         s[20] ^= 0x5a; /* inside the JSON header */
@@ -661,7 +641,7 @@ static void test_refusals(void) {
         res_free(&r);
         CHECK(same_bytes(weights, keep));
         /* a checkpoint where the state should be */
-        char *ck = slurp(weights, &n);
+        char *ck = kd_test_slurp(weights, &n);
         CHECK(spit(state, ck, n));
         free(ck);
         r = run("bad", "--quiet", "--resume", NULL);
@@ -856,8 +836,8 @@ void test_resume(void) {
     CHECK(spit(ini, text, strlen(text)));
     test_state_file();
     TEST("resume: binary present") {
-        int ok = access(bin(), X_OK) == 0;
-        CHECK_MSG(ok, "%s not found or not executable (set KD_DISTILL)", bin());
+        int ok = access(kd_test_bin(), X_OK) == 0;
+        CHECK_MSG(ok, "%s not found or not executable (set KD_DISTILL)", kd_test_bin());
         if (!ok) return;
     }
     test_reference();

@@ -45,21 +45,6 @@ static int spit(const char *path, const void *data, size_t n) {
 
 static int spit_str(const char *path, const char *s) { return spit(path, s, strlen(s)); }
 
-static char *slurp(const char *path, size_t *len) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    size_t cap = 4096, n = 0, got;
-    char *buf = malloc(cap);
-    while ((got = fread(buf + n, 1, cap - n - 1, f)) > 0) {
-        n += got;
-        if (n + 1 == cap) buf = realloc(buf, cap *= 2);
-    }
-    fclose(f);
-    buf[n] = '\0';
-    if (len) *len = n;
-    return buf;
-}
-
 static const char *pathf(char *buf, const char *name) {
     snprintf(buf, 512, "%s/%s", D, name);
     return buf;
@@ -211,7 +196,7 @@ static int hexval(char c) { return c <= '9' ? c - '0' : (c | 32) - 'a' + 10; }
 static void test_reference(void) {
     TEST("BPE against the slow reference (bpe_ref.json)") {
         char fx[512];
-        char *js = slurp(kd_test_fixture("bpe_ref.json", fx, sizeof fx), NULL);
+        char *js = kd_test_slurp(kd_test_fixture("bpe_ref.json", fx, sizeof fx), NULL);
         CHECK_MSG(js != NULL, "cannot read %s", fx);
         if (!js) break;
         cJSON *root = cJSON_Parse(js);
@@ -313,7 +298,7 @@ static void test_json(void) {
         CHECK(same);
         /* the file holds exactly to_json plus a newline; no temp file left */
         size_t len;
-        char *file = slurp(p, &len);
+        char *file = kd_test_slurp(p, &len);
         CHECK(file && len == strlen(js) + 1 && memcmp(file, js, len - 1) == 0 && file[len - 1] == '\n');
         free(file);
         DIR *d = opendir(D);
@@ -396,7 +381,7 @@ static void test_hostile_json(void) {
         CHECK(kd_tokenizer_save(&tok, pathf(p, "full.json")) == KD_OK);
         kd_tokenizer_free(&tok);
         size_t len;
-        char *full = slurp(p, &len);
+        char *full = kd_test_slurp(p, &len);
         CHECK(full && spit(pathf(q, "truncated.json"), full, len / 2));
         free(full);
         CHECK(kd_tokenizer_load(&tok, q) == KD_EFORMAT && strstr(kd_error_message(), q) &&
@@ -485,11 +470,11 @@ static void test_documents(void) {
         CHECK_MSG(d.n_files == 3 && d.n_skipped == 5 && d.n_duplicates == 3, "files %d skipped %d duplicates %d",
                   d.n_files, d.n_skipped, d.n_duplicates);
         size_t sz_a = 0, sz_b = 0, sz_z = 0;
-        free(slurp(p, &sz_a));
+        free(kd_test_slurp(p, &sz_a));
         snprintf(q, sizeof q, "%s/b_plain.txt", dir);
-        free(slurp(q, &sz_b));
+        free(kd_test_slurp(q, &sz_b));
         snprintf(q, sizeof q, "%s/sub/z.txt", dir);
-        free(slurp(q, &sz_z));
+        free(kd_test_slurp(q, &sz_z));
         CHECK(d.n_bytes == sz_a + sz_b + sz_z);
         CHECK(d.vocab == 256 && strcmp(d.name, spec) == 0);
         CHECK(strstr(d.info, "skipped 5") != NULL);
@@ -800,7 +785,7 @@ static void test_fortunes(void) {
                 continue;
             }
             size_t n;
-            char *c = slurp(p, &n);
+            char *c = kd_test_slurp(p, &n);
             if (c && memchr(c, '\0', n))
                 binary++;
             else
@@ -867,21 +852,16 @@ static void test_fortunes(void) {
 
 /* ---------------------------------------------------------------- CLI */
 
-static const char *bin(void) {
-    const char *b = getenv("KD_DISTILL");
-    return b && *b ? b : "build/distill";
-}
-
 /* Runs `distill ARGS` through the shell; exit code, stdout/stderr kept. */
 static int run_cli(const char *args, char **out, char **err) {
     char cmd[2048], po[512], pe[512];
     pathf(po, "cli.out");
     pathf(pe, "cli.err");
-    snprintf(cmd, sizeof cmd, "%s %s >%s 2>%s", bin(), args, po, pe);
+    snprintf(cmd, sizeof cmd, "%s %s >%s 2>%s", kd_test_bin(), args, po, pe);
     fflush(stdout);
     int rc = system(cmd);
-    *out = slurp(po, NULL);
-    *err = slurp(pe, NULL);
+    *out = kd_test_slurp(po, NULL);
+    *err = kd_test_slurp(pe, NULL);
     if (!*out) *out = strdup("");
     if (!*err) *err = strdup("");
     return rc != -1 && WIFEXITED(rc) ? WEXITSTATUS(rc) : -1;

@@ -537,29 +537,6 @@ static void training(void) {
 
 /* ============================================================ 6. CLI */
 
-static int sh(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static int sh(const char *fmt, ...) {
-    char cmd[4096];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(cmd, sizeof cmd, fmt, ap);
-    va_end(ap);
-    int rc = system(cmd);
-    return WIFEXITED(rc) ? WEXITSTATUS(rc) : 128;
-}
-
-static char *slurp(const char *path) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    fseek(f, 0, SEEK_END);
-    long n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    char *b = kd_malloc((size_t)n + 1);
-    b[fread(b, 1, (size_t)n, f)] = '\0';
-    fclose(f);
-    return b;
-}
-
 static void cli(void) {
     const char *bin = getenv("KD_DISTILL") ? getenv("KD_DISTILL") : "build/distill";
     char ini[600];
@@ -574,11 +551,11 @@ static void cli(void) {
             dir, dir, dir, dir);
     fclose(f);
     TEST("distill run on textcls: teacher, baseline and student with rationales; summary and checkpoints") {
-        int rc = sh("%s run %s --quiet --threads 1 > %s/tc.out 2> %s/tc.err", bin, ini, dir, dir);
+        int rc = kd_test_sh("%s run %s --quiet --threads 1 > %s/tc.out 2> %s/tc.err", bin, ini, dir, dir);
         CHECK_MSG(rc == 0, "exit %d", rc);
         char p[700];
         snprintf(p, sizeof p, "%s/runs/tc/summary.json", dir);
-        char *s = slurp(p);
+        char *s = kd_test_slurp(p, NULL);
         CHECK_MSG(s && strstr(s, "\"task\":\t\"textcls\"") && strstr(s, "\"baseline\"") && strstr(s, "\"student\"") &&
                       strstr(s, "\"test_acc\"") && strstr(s, "\"rationale_token_fraction\""),
                   "summary: %s", s ? s : "(missing)");
@@ -593,7 +570,7 @@ static void cli(void) {
             CHECK_MSG(0, "%s", kd_error_message());
         }
         snprintf(p, sizeof p, "%s/runs/tc/rationale_examples.txt", dir);
-        s = slurp(p);
+        s = kd_test_slurp(p, NULL);
         /* documents with the tagged bytes in brackets, separated by "%" lines */
         CHECK_MSG(s && strstr(s, "/c0]\nalpha") && strstr(s, "\n%\n[class ") && strchr(strstr(s, "]\n") + 2, '['),
                   "examples: %s", s ? s : "(missing)");
@@ -604,21 +581,21 @@ static void cli(void) {
         if (t) fclose(t);
     }
     TEST("distill run on textcls: a second run loads the teacher checkpoint") {
-        int rc = sh("%s run %s --quiet --threads 1 --run.name=tc2 --distill.baseline=0 > %s/tc2.out 2>&1", bin, ini,
+        int rc = kd_test_sh("%s run %s --quiet --threads 1 --run.name=tc2 --distill.baseline=0 > %s/tc2.out 2>&1", bin, ini,
                     dir);
         CHECK_MSG(rc == 0, "exit %d", rc);
         char p[700];
         snprintf(p, sizeof p, "%s/runs/tc2/summary.json", dir);
-        char *s = slurp(p);
+        char *s = kd_test_slurp(p, NULL);
         CHECK_MSG(s && strstr(s, "\"loaded\":\ttrue") && !strstr(s, "\"baseline\""), "summary: %s", s ? s : "(missing)");
         free(s);
     }
     TEST("distill run on textcls: bad [textcls] values are errors naming the key") {
-        int rc = sh("%s run %s --quiet --threads 1 --run.name=tc3 --textcls.rationale_k=0 > %s/tc3.out 2>&1", bin, ini,
+        int rc = kd_test_sh("%s run %s --quiet --threads 1 --run.name=tc3 --textcls.rationale_k=0 > %s/tc3.out 2>&1", bin, ini,
                     dir);
         char p[700];
         snprintf(p, sizeof p, "%s/tc3.out", dir);
-        char *s = slurp(p);
+        char *s = kd_test_slurp(p, NULL);
         CHECK_MSG(rc == 1 && s && strstr(s, "rationale_k"), "exit %d: %s", rc, s ? s : "");
         free(s);
     }
