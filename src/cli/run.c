@@ -252,17 +252,9 @@ static kd_status write_summary(const char *dir, const stage *st, int n, int thre
     if (loss) cJSON_AddStringToObject(root, "loss", loss);
     cJSON_AddNumberToObject(root, "threads", threads);
     kd_report_add_machine(root);
-    char *txt = cJSON_Print(root);
-    size_t L = strlen(txt);
-    char *withnl = kd_malloc(L + 2);
-    memcpy(withnl, txt, L);
-    withnl[L] = '\n';
-    withnl[L + 1] = '\0';
     char path[4200];
     snprintf(path, sizeof path, "%s/summary.json", dir);
-    kd_status s = run_write_atomic(path, withnl);
-    free(withnl);
-    cJSON_free(txt);
+    kd_status s = run_write_json(path, root);
     cJSON_Delete(root);
     return s;
 }

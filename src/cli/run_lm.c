@@ -15,6 +15,7 @@
 #include <unistd.h>
 
 #include "cli/cli.h"
+#include "cli/run_progress.h"
 #include "kd_config.h"
 #include "kd_lm.h"
 #include "kd_report.h"
@@ -220,15 +221,9 @@ static kd_status write_summary(const char *dir, const lm_stage *st, int n, int t
     if (extra_seconds > 0) cJSON_AddNumberToObject(root, "seqkd_sampling_seconds", extra_seconds);
     cJSON_AddNumberToObject(root, "threads", threads);
     kd_report_add_machine(root);
-    char *txt = cJSON_Print(root), path[4200];
-    size_t L = strlen(txt);
-    char *text = kd_malloc(L + 1);
-    memcpy(text, txt, L);
-    text[L] = '\n';
-    cJSON_free(txt);
+    char path[4200];
     snprintf(path, sizeof path, "%s/summary.json", dir);
-    kd_status s = kd_write_atomic(path, text, L + 1);
-    free(text);
+    kd_status s = run_write_json(path, root);
     cJSON_Delete(root);
     return s;
 }

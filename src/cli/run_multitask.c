@@ -169,16 +169,9 @@ static kd_status write_summary(const char *dir, const kd_multitask *mt, const te
     cJSON_AddStringToObject(root, "loss", loss);
     cJSON_AddNumberToObject(root, "threads", threads);
     kd_report_add_machine(root);
-    char *txt = cJSON_Print(root);
-    size_t L = strlen(txt);
-    char *withnl = kd_malloc(L + 2);
-    memcpy(withnl, txt, L);
-    memcpy(withnl + L, "\n", 2);
     char path[4200];
     snprintf(path, sizeof path, "%s/summary.json", dir);
-    kd_status st = run_write_atomic(path, withnl);
-    free(withnl);
-    cJSON_free(txt);
+    kd_status st = run_write_json(path, root);
     cJSON_Delete(root);
     return st;
 }

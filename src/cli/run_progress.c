@@ -28,35 +28,23 @@
 
 #define PROGRESS_FORMAT "distill-progress/1"
 
-kd_status run_write_atomic(const char *path, const char *text) {
-    char tmp[4400];
-    snprintf(tmp, sizeof tmp, "%.4200s.tmp.%d", path, (int)getpid());
-    FILE *f = fopen(tmp, "w");
-    if (!f) return kd_errorf(KD_EIO, "%s: cannot write: %s", tmp, strerror(errno));
-    int bad = fputs(text, f) < 0;
-    bad |= fflush(f) != 0;
-    bad |= fsync(fileno(f)) != 0;
-    bad |= fclose(f) != 0;
-    if (bad || rename(tmp, path) != 0) {
-        remove(tmp);
-        return kd_errorf(KD_EIO, "%s: write failed: %s", path, strerror(errno));
-    }
-    return KD_OK;
+kd_status run_write_json(const char *path, const cJSON *root) {
+    char *txt = cJSON_Print(root);
+    KD_ASSERT(txt, "cJSON_Print failed");
+    size_t L = strlen(txt);
+    char *withnl = kd_malloc(L + 1);
+    memcpy(withnl, txt, L);
+    withnl[L] = '\n';
+    cJSON_free(txt);
+    kd_status st = kd_write_atomic(path, withnl, L + 1);
+    free(withnl);
+    return st;
 }
 
 static kd_status save(const run_progress *p) {
     char path[4200];
     snprintf(path, sizeof path, "%s/progress.json", p->dir);
-    char *txt = cJSON_Print(p->root);
-    KD_ASSERT(txt, "cJSON_Print failed");
-    size_t L = strlen(txt);
-    char *withnl = kd_malloc(L + 2);
-    memcpy(withnl, txt, L);
-    memcpy(withnl + L, "\n", 2);
-    kd_status st = run_write_atomic(path, withnl);
-    free(withnl);
-    cJSON_free(txt);
-    return st;
+    return run_write_json(path, p->root);
 }
 
 static int ends_with(const char *s, const char *suffix) {

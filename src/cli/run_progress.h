@@ -46,6 +46,7 @@ kd_status progress_cut(run_progress *p, FILE *metrics);
  * 128 + sig (130 SIGINT, 143 SIGTERM). */
 int run_interrupted(const kd_log *log, int sig, int argc, char **argv);
 /* PATH.tmp.PID, fsync, rename: a reader sees the old file or the new one. */
-kd_status run_write_atomic(const char *path, const char *text);
+/* root printed as JSON plus a newline, written atomically to path */
+kd_status run_write_json(const char *path, const cJSON *root);
 
 #endif

@@ -30,19 +30,6 @@
 
 enum { ANN_WS = 3 };
 
-static void ann_geom(const kd_tensor *z, int *R, int *K) {
-    *K = z->shape[z->ndim - 1];
-    *R = (int)(kd_numel(z) / *K);
-}
-
-/* log sum_k exp(x_k / T), max-subtracted, in double */
-static double ann_lse(const float *x, int K, double invT) {
-    float m = x[0];
-    for (int k = 1; k < K; k++) m = x[k] > m ? x[k] : m;
-    double ms = (double)m * invT, s = 0.0;
-    for (int k = 0; k < K; k++) s += exp((double)x[k] * invT - ms);
-    return ms + log(s);
-}
 
 static kd_status ann_infer(kd_node *n) {
     const kd_tensor *s = &n->in[0]->val, *t = &n->in[1]->val;
@@ -51,7 +38,7 @@ static kd_status ann_infer(kd_node *n) {
     if (!same) return kd_op_shape_error(n, "student and teacher logits must have the same shape");
     if (s->shape[s->ndim - 1] < 2) return kd_op_shape_error(n, "too few classes");
     int R, K;
-    ann_geom(s, &R, &K);
+    kd_rows_k(s, &R, &K);
     if (kd_numel(&n->in[2]->val) != R) return kd_op_shape_error(n, "labels need one value per row of logits");
     n->val.ndim = 1;
     n->val.shape[0] = 1;
@@ -61,7 +48,7 @@ static kd_status ann_infer(kd_node *n) {
 static size_t ann_ws(const kd_node *n, int threads) {
     (void)threads;
     int R, K;
-    ann_geom(&n->in[0]->val, &R, &K);
+    kd_rows_k(&n->in[0]->val, &R, &K);
     return (size_t)R * ANN_WS * sizeof(double);
 }
 
@@ -77,7 +64,7 @@ static inline int ann_label(const kd_node *n, const float *lab, int r, int K) {
 static void ann_forward(kd_node *n, const kd_ctx *ctx) {
     (void)ctx;
     int R, K;
-    ann_geom(&n->in[0]->val, &R, &K);
+    kd_rows_k(&n->in[0]->val, &R, &K);
     const float *s = n->in[0]->val.data, *t = n->in[1]->val.data, *lab = n->in[2]->val.data;
     double invT = 1.0 / n->fp[0], lam = n->fp[1];
     double *ws = n->ws;
@@ -87,7 +74,7 @@ static void ann_forward(kd_node *n, const kd_ctx *ctx) {
         double *w = ws + (size_t)r * ANN_WS;
         int y = ann_label(n, lab, r, K);
         double l = y < 0 ? 1.0 : lam;
-        double ls = ann_lse(zs, K, 1.0), lt = ann_lse(zt, K, invT), qs = 0.0;
+        double ls = kd_row_lse(zs, K, 1.0), lt = kd_row_lse(zt, K, invT), qs = 0.0;
         for (int k = 0; k < K; k++) qs += exp((double)zt[k] * invT - lt) * zs[k];
         w[0] = ls;
         w[1] = lt;
@@ -102,7 +89,7 @@ static void ann_backward(kd_node *n, const kd_ctx *ctx) {
     (void)ctx;
     if (!(n->in[0]->flags & KD_F_NEED_GRAD)) return;
     int R, K;
-    ann_geom(&n->in[0]->val, &R, &K);
+    kd_rows_k(&n->in[0]->val, &R, &K);
     if (!R) return;
     const float *s = n->in[0]->val.data, *t = n->in[1]->val.data, *lab = n->in[2]->val.data;
     float *ds = n->in[0]->grad.data;

@@ -63,20 +63,6 @@
 
 #include "ops/ops.h"
 
-/* rows and classes of a logit tensor: the last dim is K */
-static void logit_geom(const kd_tensor *z, int *R, int *K) {
-    *K = z->shape[z->ndim - 1];
-    *R = (int)(kd_numel(z) / *K);
-}
-
-/* log sum_k exp(x_k / T) of one row x (K), max-subtracted, in double */
-static double row_lse(const float *x, int K, double invT) {
-    float m = x[0];
-    for (int k = 1; k < K; k++) m = x[k] > m ? x[k] : m;
-    double ms = (double)m * invT, s = 0.0;
-    for (int k = 0; k < K; k++) s += exp((double)x[k] * invT - ms);
-    return ms + log(s);
-}
 
 /* as row_lse, over the classes k != skip */
 static double row_lse_skip(const float *x, int K, double invT, int skip) {
@@ -114,7 +100,7 @@ static kd_status pair_infer(kd_node *n, int min_k, int rows_in, const char *what
     if (s->shape[s->ndim - 1] < min_k) return kd_op_shape_error(n, "too few classes");
     if (rows_in < n->n_in) {
         int R, K;
-        logit_geom(s, &R, &K);
+        kd_rows_k(s, &R, &K);
         if (kd_numel(&n->in[rows_in]->val) != R) return kd_op_shape_error(n, what);
     }
     scalar_out(n);
@@ -157,7 +143,7 @@ static kd_status div_infer(kd_node *n) { return pair_infer(n, 1, 2, "the mask ne
 
 static size_t div_ws(const kd_node *n, int threads) {
     int R, K;
-    logit_geom(&n->in[0]->val, &R, &K);
+    kd_rows_k(&n->in[0]->val, &R, &K);
     /* + per thread 2K floats of scratch for the float path */
     return (size_t)R * DIV_WS * sizeof(double) + (size_t)threads * 2 * K * sizeof(float);
 }
@@ -238,7 +224,7 @@ static void div_row_fast(double *w, float *buf, const float *zs, const float *zt
 
 /* One row: fills w[0..3] = lse_s, lse_t, loss, c. zs, zt (K) */
 static void div_row(double *w, const float *zs, const float *zt, int K, double invT, int kind, double prm) {
-    double ls = row_lse(zs, K, invT), lt = row_lse(zt, K, invT), lwt, lws;
+    double ls = kd_row_lse(zs, K, invT), lt = kd_row_lse(zt, K, invT), lwt, lws;
     mix_weights(kind, prm, &lwt, &lws);
     double loss = 0.0, c = 0.0;
     for (int k = 0; k < K; k++) {
@@ -281,7 +267,7 @@ static void div_row(double *w, const float *zs, const float *zt, int K, double i
 static void div_forward(kd_node *n, const kd_ctx *ctx) {
     (void)ctx;
     int R, K;
-    logit_geom(&n->in[0]->val, &R, &K);
+    kd_rows_k(&n->in[0]->val, &R, &K);
     const float *s = n->in[0]->val.data, *t = n->in[1]->val.data;
     const float *mask = n->n_in > 2 ? n->in[2]->val.data : NULL;
     double invT = 1.0 / n->fp[0], prm = n->fp[1];
@@ -309,7 +295,7 @@ static void div_backward(kd_node *n, const kd_ctx *ctx) {
     (void)ctx;
     if (!(n->in[0]->flags & KD_F_NEED_GRAD)) return;
     int R, K;
-    logit_geom(&n->in[0]->val, &R, &K);
+    kd_rows_k(&n->in[0]->val, &R, &K);
     const double *ws = n->ws;
     double kept = sum_rows(ws + 4, R, DIV_WS);
     if (kept == 0.0) return;
@@ -383,14 +369,14 @@ static kd_status dkd_infer(kd_node *n) { return pair_infer(n, 2, 2, "labels need
 static size_t dkd_ws(const kd_node *n, int threads) {
     (void)threads;
     int R, K;
-    logit_geom(&n->in[0]->val, &R, &K);
+    kd_rows_k(&n->in[0]->val, &R, &K);
     return (size_t)R * DKD_WS * sizeof(double);
 }
 
 static void dkd_forward(kd_node *n, const kd_ctx *ctx) {
     (void)ctx;
     int R, K;
-    logit_geom(&n->in[0]->val, &R, &K);
+    kd_rows_k(&n->in[0]->val, &R, &K);
     const float *s = n->in[0]->val.data, *t = n->in[1]->val.data, *lab = n->in[2]->val.data;
     double alpha = n->fp[0], beta = n->fp[1], T = n->fp[2], invT = 1.0 / T;
     double *ws = n->ws;
@@ -403,8 +389,8 @@ static void dkd_forward(kd_node *n, const kd_ctx *ctx) {
             continue;
         }
         int y = row_label(n, lab, r, K);
-        double ls = row_lse(zs, K, invT), lns = row_lse_skip(zs, K, invT, y);
-        double lt = row_lse(zt, K, invT), lnt = row_lse_skip(zt, K, invT, y);
+        double ls = kd_row_lse(zs, K, invT), lns = row_lse_skip(zs, K, invT, y);
+        double lt = kd_row_lse(zt, K, invT), lnt = row_lse_skip(zt, K, invT, y);
         /* binary [p_y, 1 - p_y] in log space */
         double lbs0 = zs[y] * invT - ls, lbs1 = lns - ls, lbt0 = zt[y] * invT - lt, lbt1 = lnt - lt;
         double tckd = exp(lbt0) * (lbt0 - lbs0) + exp(lbt1) * (lbt1 - lbs1);
@@ -430,7 +416,7 @@ static void dkd_backward(kd_node *n, const kd_ctx *ctx) {
     (void)ctx;
     if (!(n->in[0]->flags & KD_F_NEED_GRAD)) return;
     int R, K;
-    logit_geom(&n->in[0]->val, &R, &K);
+    kd_rows_k(&n->in[0]->val, &R, &K);
     const float *s = n->in[0]->val.data, *t = n->in[1]->val.data, *lab = n->in[2]->val.data;
     float *ds = n->in[0]->grad.data;
     double alpha = n->fp[0], beta = n->fp[1], T = n->fp[2], invT = 1.0 / T;
@@ -481,7 +467,7 @@ static kd_status dist_infer(kd_node *n) { return pair_infer(n, 1, 2, "(no third 
 static size_t dist_ws(const kd_node *n, int threads) {
     (void)threads;
     int R, K;
-    logit_geom(&n->in[0]->val, &R, &K);
+    kd_rows_k(&n->in[0]->val, &R, &K);
     return ((size_t)2 * R * K + (size_t)DIST_ST * (R + K)) * sizeof(double);
 }
 
@@ -494,7 +480,7 @@ typedef struct dist_geom {
  * same batch) */
 static dist_geom dist_geom_of(kd_node *n) {
     dist_geom q;
-    logit_geom(&n->in[0]->val, &q.R, &q.K);
+    kd_rows_k(&n->in[0]->val, &q.R, &q.K);
     q.ys = n->ws;
     q.yt = q.ys + (size_t)q.R * q.K;
     q.rows = q.yt + (size_t)q.R * q.K;
@@ -535,7 +521,7 @@ static inline double pearson_grad(const double *st, double a, double b) {
 }
 
 static void softmax_row_d(double *y, const float *z, int K, double invT) {
-    double l = row_lse(z, K, invT);
+    double l = kd_row_lse(z, K, invT);
     for (int k = 0; k < K; k++) y[k] = exp(z[k] * invT - l);
 }
 
@@ -605,14 +591,14 @@ static kd_status nkd_infer(kd_node *n) { return pair_infer(n, 2, 2, "labels need
 static size_t nkd_ws(const kd_node *n, int threads) {
     (void)threads;
     int R, K;
-    logit_geom(&n->in[0]->val, &R, &K);
+    kd_rows_k(&n->in[0]->val, &R, &K);
     return (size_t)R * NKD_WS * sizeof(double);
 }
 
 static void nkd_forward(kd_node *n, const kd_ctx *ctx) {
     (void)ctx;
     int R, K;
-    logit_geom(&n->in[0]->val, &R, &K);
+    kd_rows_k(&n->in[0]->val, &R, &K);
     const float *s = n->in[0]->val.data, *t = n->in[1]->val.data, *lab = n->in[2]->val.data;
     double T = n->fp[0], gamma = n->fp[1], invT = 1.0 / T;
     double *ws = n->ws;
@@ -625,7 +611,7 @@ static void nkd_forward(kd_node *n, const kd_ctx *ctx) {
             continue;
         }
         int y = row_label(n, lab, r, K);
-        double l1s = row_lse(zs, K, 1.0), ty = exp(zt[y] - row_lse(zt, K, 1.0));
+        double l1s = kd_row_lse(zs, K, 1.0), ty = exp(zt[y] - kd_row_lse(zt, K, 1.0));
         double lns = row_lse_skip(zs, K, invT, y), lnt = row_lse_skip(zt, K, invT, y);
         double ce = 0.0;
         for (int k = 0; k < K; k++) {
@@ -648,7 +634,7 @@ static void nkd_backward(kd_node *n, const kd_ctx *ctx) {
     (void)ctx;
     if (!(n->in[0]->flags & KD_F_NEED_GRAD)) return;
     int R, K;
-    logit_geom(&n->in[0]->val, &R, &K);
+    kd_rows_k(&n->in[0]->val, &R, &K);
     const float *s = n->in[0]->val.data, *t = n->in[1]->val.data, *lab = n->in[2]->val.data;
     float *ds = n->in[0]->grad.data;
     double T = n->fp[0], gamma = n->fp[1], invT = 1.0 / T;
@@ -695,14 +681,14 @@ static kd_status std_infer(kd_node *n) {
 static size_t std_ws(const kd_node *n, int threads) {
     (void)threads;
     int R, K;
-    logit_geom(&n->in[0]->val, &R, &K);
+    kd_rows_k(&n->in[0]->val, &R, &K);
     return (size_t)R * 2 * sizeof(double);
 }
 
 static void std_forward(kd_node *n, const kd_ctx *ctx) {
     (void)ctx;
     int R, K;
-    logit_geom(&n->in[0]->val, &R, &K);
+    kd_rows_k(&n->in[0]->val, &R, &K);
     const float *x = n->in[0]->val.data;
     float *out = n->val.data;
     double *ws = n->ws;
@@ -725,7 +711,7 @@ static void std_backward(kd_node *n, const kd_ctx *ctx) {
     (void)ctx;
     if (!(n->in[0]->flags & KD_F_NEED_GRAD)) return;
     int R, K;
-    logit_geom(&n->in[0]->val, &R, &K);
+    kd_rows_k(&n->in[0]->val, &R, &K);
     const float *x = n->in[0]->val.data, *gy = n->grad.data;
     float *gx = n->in[0]->grad.data;
     const double *ws = n->ws;

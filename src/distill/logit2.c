@@ -50,20 +50,6 @@
 #include "kd_distill.h"
 #include "ops/ops.h"
 
-/* rows and classes of a logit tensor: the last dim is K */
-static void geom(const kd_tensor *z, int *R, int *K) {
-    *K = z->shape[z->ndim - 1];
-    *R = (int)(kd_numel(z) / *K);
-}
-
-/* log sum_k exp(x_k / T) of one row x (K), max-subtracted, in double */
-static double lse_row(const float *x, int K, double invT) {
-    float m = x[0];
-    for (int k = 1; k < K; k++) m = x[k] > m ? x[k] : m;
-    double ms = (double)m * invT, s = 0.0;
-    for (int k = 0; k < K; k++) s += exp((double)x[k] * invT - ms);
-    return ms + log(s);
-}
 
 /* s and t the same shape; input `rows_in` (a mask, when present) has one
  * value per row; scalar output */
@@ -73,7 +59,7 @@ static kd_status pair_infer(kd_node *n, int rows_in) {
     for (int i = 0; same && i < s->ndim; i++) same = s->shape[i] == t->shape[i];
     if (!same) return kd_op_shape_error(n, "student and teacher logits must have the same shape");
     int R, K;
-    geom(s, &R, &K);
+    kd_rows_k(s, &R, &K);
     if (rows_in < n->n_in && kd_numel(&n->in[rows_in]->val) != R)
         return kd_op_shape_error(n, "the mask needs one value per row of logits");
     n->val.ndim = 1;
@@ -96,7 +82,7 @@ typedef struct mlkd_ws {
 
 static mlkd_ws mlkd_ws_of(const kd_node *n) {
     mlkd_ws w;
-    geom(&n->in[0]->val, &w.R, &w.K);
+    kd_rows_k(&n->in[0]->val, &w.R, &w.K);
     size_t R = (size_t)w.R, RK = R * (size_t)w.K, RR = R * R;
     w.kl = n->ws;
     w.kept = w.kl + R;
@@ -116,7 +102,7 @@ static kd_status mlkd_infer(kd_node *n) { return pair_infer(n, 2); }
 static size_t mlkd_ws_bytes(const kd_node *n, int threads) {
     (void)threads;
     int R, K;
-    geom(&n->in[0]->val, &R, &K);
+    kd_rows_k(&n->in[0]->val, &R, &K);
     return ((size_t)2 * R + (size_t)3 * R * K + (size_t)5 * R * R) * sizeof(double);
 }
 
@@ -142,7 +128,7 @@ static void mlkd_forward(kd_node *n, const kd_ctx *ctx) {
             continue;
         }
         const float *zs = s + (size_t)r * K, *zt = t + (size_t)r * K;
-        double ls = lse_row(zs, K, invT), lt = lse_row(zt, K, invT), kl = 0.0;
+        double ls = kd_row_lse(zs, K, invT), lt = kd_row_lse(zt, K, invT), kl = 0.0;
         for (int k = 0; k < K; k++) {
             double lp = zs[k] * invT - ls, lq = zt[k] * invT - lt, p = exp(lp), q = exp(lq);
             kl += q * (lq - lp);
@@ -235,7 +221,7 @@ static kd_status ft_infer(kd_node *n) {
     kd_status st = pair_infer(n, 3);
     if (st != KD_OK) return st;
     int R, K;
-    geom(&n->in[0]->val, &R, &K);
+    kd_rows_k(&n->in[0]->val, &R, &K);
     int64_t nt = kd_numel(&n->in[2]->val);
     if (nt != 1 && nt != R) return kd_op_shape_error(n, "the temperature needs one value, or one per row of logits");
     return KD_OK;
@@ -244,7 +230,7 @@ static kd_status ft_infer(kd_node *n) {
 static size_t ft_ws(const kd_node *n, int threads) {
     (void)threads;
     int R, K;
-    geom(&n->in[0]->val, &R, &K);
+    kd_rows_k(&n->in[0]->val, &R, &K);
     return (size_t)R * FT_WS * sizeof(double);
 }
 
@@ -256,7 +242,7 @@ static inline double ft_temp(const kd_node *n, int r) {
 static void ft_forward(kd_node *n, const kd_ctx *ctx) {
     (void)ctx;
     int R, K;
-    geom(&n->in[0]->val, &R, &K);
+    kd_rows_k(&n->in[0]->val, &R, &K);
     const float *s = n->in[0]->val.data, *t = n->in[1]->val.data;
     const float *mask = n->n_in > 3 ? n->in[3]->val.data : NULL;
     double *ws = n->ws;
@@ -269,7 +255,7 @@ static void ft_forward(kd_node *n, const kd_ctx *ctx) {
         if (!row_kept(mask, r)) continue;
         const float *zs = s + (size_t)r * K, *zt = t + (size_t)r * K;
         double T = ft_temp(n, r), invT = 1.0 / T;
-        double ls = lse_row(zs, K, invT), lt = lse_row(zt, K, invT), kl = 0.0;
+        double ls = kd_row_lse(zs, K, invT), lt = kd_row_lse(zt, K, invT), kl = 0.0;
         for (int k = 0; k < K; k++) {
             double lp = zs[k] * invT - ls, lq = zt[k] * invT - lt;
             kl += exp(lq) * (lq - lp);
@@ -294,7 +280,7 @@ static void ft_backward(kd_node *n, const kd_ctx *ctx) {
     int need_s = (sn->flags & KD_F_NEED_GRAD) != 0, need_t = (tn->flags & KD_F_NEED_GRAD) != 0;
     if (!need_s && !need_t) return;
     int R, K;
-    geom(&sn->val, &R, &K);
+    kd_rows_k(&sn->val, &R, &K);
     double *ws = n->ws, kept = 0.0;
     for (int r = 0; r < R; r++) kept += ws[(size_t)r * FT_WS + 3];
     if (kept == 0.0) return;

@@ -26,13 +26,7 @@
 #include "ops/ops.h"
 
 /* log-sum-exp of z (V), in double */
-static double lse_row(const float *z, int V) {
-    float m = z[0];
-    for (int v = 1; v < V; v++) m = z[v] > m ? z[v] : m;
-    double s = 0.0;
-    for (int v = 0; v < V; v++) s += exp((double)z[v] - m);
-    return m + log(s);
-}
+static double lse_row(const float *z, int V) { return kd_row_lse(z, V, 1.0); }
 
 static int action_at(const float *act, int i, int V) {
     int a = (int)act[i];

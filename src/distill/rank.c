@@ -52,10 +52,6 @@ enum { RK_ST = 4 }; /* per-row doubles before x: kept, rho, |x|, valid */
 
 #define RK_DEGENERATE 1e-6
 
-static void geom(const kd_tensor *z, int *R, int *V) {
-    *V = z->shape[z->ndim - 1];
-    *R = (int)(kd_numel(z) / *V);
-}
 
 typedef struct rk_ws {
     int R, M;  /* rows, 2k */
@@ -66,7 +62,7 @@ typedef struct rk_ws {
 static rk_ws rk_ws_of(const kd_node *n) {
     rk_ws w;
     int V;
-    geom(&n->in[0]->val, &w.R, &V);
+    kd_rows_k(&n->in[0]->val, &w.R, &V);
     w.M = 2 * n->ip[0];
     w.d = n->ws;
     w.id = (int *)(w.d + (size_t)w.R * (RK_ST + 2 * (size_t)w.M));
@@ -76,7 +72,7 @@ static rk_ws rk_ws_of(const kd_node *n) {
 static size_t rk_ws_bytes(const kd_node *n, int threads) {
     (void)threads;
     int R, V;
-    geom(&n->in[0]->val, &R, &V);
+    kd_rows_k(&n->in[0]->val, &R, &V);
     size_t M = 2 * (size_t)n->ip[0];
     return (size_t)R * ((RK_ST + 2 * M) * sizeof(double) + (1 + M) * sizeof(int));
 }
@@ -87,7 +83,7 @@ static kd_status rk_infer(kd_node *n) {
     for (int i = 0; same && i < s->ndim; i++) same = s->shape[i] == t->shape[i];
     if (!same) return kd_op_shape_error(n, "student and teacher logits must have the same shape");
     int R, V;
-    geom(s, &R, &V);
+    kd_rows_k(s, &R, &V);
     if (n->ip[0] > V) {
         char what[128];
         snprintf(what, sizeof what, "k=%d peak tokens asked for, but the rows hold only V=%d logits", n->ip[0], V);
@@ -139,7 +135,7 @@ static void rk_forward(kd_node *n, const kd_ctx *ctx) {
     (void)ctx;
     rk_ws w = rk_ws_of(n);
     int R, V, k = n->ip[0], M = w.M;
-    geom(&n->in[0]->val, &R, &V);
+    kd_rows_k(&n->in[0]->val, &R, &V);
     const float *s = n->in[0]->val.data, *t = n->in[1]->val.data;
     const float *mask = n->n_in > 2 ? n->in[2]->val.data : NULL;
     double inv_tau = 1.0 / n->fp[0];
@@ -189,7 +185,7 @@ static void rk_backward(kd_node *n, const kd_ctx *ctx) {
     if (!(sn->flags & KD_F_NEED_GRAD)) return;
     rk_ws w = rk_ws_of(n);
     int R, V, M = w.M;
-    geom(&sn->val, &R, &V);
+    kd_rows_k(&sn->val, &R, &V);
     size_t dstride = RK_ST + 2 * (size_t)M, istride = 1 + (size_t)M;
     double N = 0.0;
     for (int r = 0; r < R; r++) N += w.d[(size_t)r * dstride];

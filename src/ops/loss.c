@@ -14,6 +14,14 @@
 
 #include "ops/ops.h"
 
+double kd_row_lse(const float *x, int K, double invT) {
+    float m = x[0];
+    for (int k = 1; k < K; k++) m = x[k] > m ? x[k] : m;
+    double ms = (double)m * invT, s = 0.0;
+    for (int k = 0; k < K; k++) s += exp((double)x[k] * invT - ms);
+    return ms + log(s);
+}
+
 static kd_status lastdim_infer(kd_node *n) {
     if (n->in[0]->val.ndim < 1) return kd_op_shape_error(n, "needs at least one dimension");
     n->val = n->in[0]->val;

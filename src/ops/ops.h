@@ -73,6 +73,15 @@ void kd_attention_backward(float *dqkv, float *scratch, const float *dout, const
 void kd_attention_forward_naive(float *out, float *lse, const float *qkv, int B, int T, int C, int NH);
 void kd_attention_backward_naive(float *dqkv, const float *dout, const float *qkv, int B, int T, int C, int NH);
 
+/* rows R and last-dimension size K of a (..., K) tensor */
+static inline void kd_rows_k(const kd_tensor *z, int *R, int *K) {
+    *K = z->shape[z->ndim - 1];
+    *R = (int)(kd_numel(z) / *K);
+}
+/* log sum_k exp(x_k * invT) of one row x (K), max-subtracted, in double
+ * (src/ops/loss.c) */
+double kd_row_lse(const float *x, int K, double invT);
+
 /* exp(x) for softmax and GELU, written so the compiler vectorises it: x = n ln2 + r
  * with n = round(x / ln2) (by the 1.5*2^23 rounding trick, which needs no
  * float-to-int instruction) and |r| <= ln2/2, exp(r) by its Taylor series to
