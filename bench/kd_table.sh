@@ -8,6 +8,10 @@
 # minutes instead of hours.
 #   bench/kd_table.sh TEACHER.safetensors [SEEDS...]
 #   env: OUT=runs/kd_table THREADS=2 EPOCHS=8 STUDENT="mlp: 128" TRANSFER=1
+#        AUG=1: the students train with crop 2 + flip and the teacher sees
+#        the same views: one cache per seed with EPOCHS views per example
+#        (`distill cache --views`, Fast Knowledge Distillation's recipe),
+#        since a cache's views are drawn from the run's seed
 # Runs whose summary.json exists are not run again, so the table can be
 # extended (new methods, seeds) without repeating finished runs.
 set -euo pipefail
@@ -21,8 +25,19 @@ EPOCHS=${EPOCHS:-8}
 STUDENT=${STUDENT:-mlp: 128}
 TRANSFER=${TRANSFER:-1}
 mkdir -p "$OUT"
+AUG=${AUG:-0}
 CACHE="$OUT/teacher.cache"
-[ -f "$CACHE" ] || build/distill cache "$TEACHER" --out "$CACHE" --threads "$T" | tee "$OUT/cache.txt"
+if [ "$AUG" = 1 ]; then
+    for s in $SEEDS; do
+        c="$OUT/teacher_s$s.cache"
+        [ -f "$c" ] || build/distill cache "$TEACHER" --out "$c" --views "$EPOCHS" --crop 2 --flip 1 --seed "$s" \
+            --threads "$T" | tee "$OUT/cache_s$s.txt"
+    done
+    DATA_AUG=(--data.crop=2 --data.flip=1)
+else
+    [ -f "$CACHE" ] || build/distill cache "$TEACHER" --out "$CACHE" --threads "$T" | tee "$OUT/cache.txt"
+    DATA_AUG=(--data.crop=0 --data.flip=0)
+fi
 METHODS=(
   "kd_T1_a0.5|ce(weight=0.5) + kd(T=1, weight=0.5)"
   "kd_T2_a0.5|ce(weight=0.5) + kd(T=2, weight=0.5)"
@@ -35,13 +50,17 @@ METHODS=(
   "nkd|ce + nkd(T=1, gamma=1.5)"
 )
 printf '%s\n' "${METHODS[@]}" > "$OUT/methods.txt"
-common=(--quiet --threads "$T" --run.out="$OUT" --teacher.cache="$CACHE" --teacher.checkpoint="$TEACHER"
-        --train.epochs="$EPOCHS" --data.crop=0 --data.flip=0 --train.eval_every=100 --student.model="$STUDENT")
+common=(--quiet --threads "$T" --run.out="$OUT" --teacher.checkpoint="$TEACHER"
+        --train.epochs="$EPOCHS" "${DATA_AUG[@]}" --train.eval_every=100 --student.model="$STUDENT")
 run() { # NAME ARGS...: one run unless it is already done
   local name=$1; shift
-  [ -f "$OUT/$name/summary.json" ] || build/distill run examples/fashion_kd.ini "${common[@]}" --run.name="$name" "$@" > /dev/null
+  local cache=$CACHE
+  [ "$AUG" = 1 ] && cache="$OUT/teacher_s$SEED.cache"
+  [ -f "$OUT/$name/summary.json" ] || build/distill run examples/fashion_kd.ini "${common[@]}" --teacher.cache="$cache" \
+      --run.name="$name" "$@" > /dev/null
 }
 for s in $SEEDS; do
+  SEED=$s
   run "base_s$s" --run.seed="$s" --distill.baseline=1 --distill.loss="ce"
   for m in "${METHODS[@]}"; do
     name=${m%%|*}; spec=${m#*|}
@@ -63,7 +82,8 @@ def row(label, objs, base=None):
     m = statistics.mean(a); sd = statistics.stdev(a) if len(a) > 1 else 0.0
     d = f"{m - base:+.2f}" if base is not None else ""
     return f"| {label} | {m:.2f} ± {sd:.2f} | {d} | {', '.join(f'{x:.2f}' for x in a)} |", m
-print(f"Student `{student}`, {epochs} epochs, no augmentation, seeds {' '.join(seeds)}; last-epoch test accuracy.\n")
+aug = "crop 2 + flip, the teacher's logits on the same views" if os.path.exists(f"{out}/teacher_s{seeds[0]}.cache") else "no augmentation"
+print(f"Student `{student}`, {epochs} epochs, {aug}, seeds {' '.join(seeds)}; last-epoch test accuracy.\n")
 print("| method (loss spec) | test acc % (mean ± std) | vs CE | per seed |\n|---|---|---|---|")
 teacher = summ("base", "teacher")
 line, _ = row("teacher (cnn: c32 c32 p c64 c64 p f256 d0.3)", teacher); print(line)
