@@ -14,6 +14,10 @@
  * prefix) plus metadata: model spec, classes, input geometry, normalisation.
  * Atomic. */
 kd_status kd_checkpoint_save(const kd_graph *g, const kd_model *m, const kd_dataset *ds, const char *path);
+/* As kd_checkpoint_save, for a head of K*groups subclass logits (LELP):
+ * metadata "groups" tells `distill eval` to sum each class's subclasses. */
+kd_status kd_checkpoint_save_groups(const kd_graph *g, const kd_model *m, const kd_dataset *ds, int groups,
+                                    const char *path);
 /* Loads into model m; every tensor must be present with the model's exact
  * shape, and no unknown tensor may be present. Errors name path and tensor.
  * Floating tensors may be F32, F16, BF16 or F64 (converted to float32). */
@@ -41,6 +45,8 @@ typedef struct kd_checkpoint_info {
     char model[256];
     int classes, c, h, w;
     float mean, std;
+    int groups; /* > 1: the head's classes are `groups` subclasses per class (LELP);
+                 * the prediction sums their probabilities. 1 otherwise. */
 } kd_checkpoint_info;
 /* Error when the metadata is missing or malformed. */
 kd_status kd_checkpoint_info_read(const char *path, kd_checkpoint_info *info);

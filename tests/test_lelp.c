@@ -523,6 +523,35 @@ static int sh(const char *cmd) {
     return WIFEXITED(r) ? WEXITSTATUS(r) : -1;
 }
 
+static void groups_metadata(void) {
+    TEST("checkpoint metadata 'groups' must split 'classes' into >= 2 classes") {
+        const char *cases[][3] = {{"6", "3", ""}, {"6", "4", "does not divide"}, {"6", "6", "does not divide"},
+                                  {"6", "x", "does not divide"}};
+        for (int i = 0; i < 4; i++) {
+            char path[512];
+            snprintf(path, sizeof path, "%.400s/groups%d.safetensors", kd_test_tmpdir(), i);
+            kd_st_writer *w = kd_st_writer_new();
+            float v = 0.0f;
+            int sh1[1] = {1};
+            kd_st_add_f32(w, "x", 1, sh1, &v);
+            kd_st_set_meta(w, "model", "mlp: 8");
+            kd_st_set_meta(w, "classes", cases[i][0]);
+            kd_st_set_meta(w, "input", "1,28,28");
+            kd_st_set_meta(w, "normalize", "0.286,0.353");
+            kd_st_set_meta(w, "groups", cases[i][1]);
+            CHECK(kd_st_write(w, path) == KD_OK);
+            kd_st_writer_free(w);
+            kd_checkpoint_info info;
+            kd_status st = kd_checkpoint_info_read(path, &info);
+            if (!*cases[i][2])
+                CHECK_MSG(st == KD_OK && info.groups == 3 && info.classes == 6, "%s", kd_error_message());
+            else
+                CHECK_MSG(st == KD_EFORMAT && strstr(kd_error_message(), cases[i][2]), "groups '%s': %s", cases[i][1],
+                          kd_error_message());
+        }
+    }
+}
+
 static void cli_tests(void) {
     TEST("distill run with [distill] lelp") {
         const char *bin = getenv("KD_DISTILL") ? getenv("KD_DISTILL") : "build/distill";
@@ -541,6 +570,7 @@ static void cli_tests(void) {
         kd_safetensors st;
         if (kd_st_read(path, &st) == KD_OK) {
             CHECK(kd_st_meta(&st, "classes") && strcmp(kd_st_meta(&st, "classes"), "6") == 0);
+            CHECK(kd_st_meta(&st, "groups") && strcmp(kd_st_meta(&st, "groups"), "3") == 0);
             const kd_st_tensor *hw = kd_st_find(&st, "head.weight");
             CHECK(hw && hw->shape[0] == 6 && hw->shape[1] == 16);
             kd_st_free(&st);
@@ -559,6 +589,17 @@ static void cli_tests(void) {
         acc = acc ? strstr(acc, "\"test_acc\":") : NULL;
         double a = acc ? atof(acc + 11) : -1;
         CHECK_MSG(a > 0.5 && a <= 1.0, "student test_acc %g (binary task)", a);
+        /* distill eval sums each class's subclasses (metadata groups = 3) and
+         * reproduces the run's own test accuracy on the same 200 images */
+        snprintf(cmd, sizeof cmd,
+                 "%s eval %s/ok/student.safetensors --limit 200 --label-map '0 0 0 0 0 1 1 1 1 1' > %s/eval.out 2>&1", bin,
+                 dir, dir);
+        CHECK_MSG(sh(cmd) == 0, "%s", cmd);
+        snprintf(path, sizeof path, "%s/eval.out", dir);
+        char *ev = kd_test_slurp(path, NULL), *pa = ev ? strstr(ev, "accuracy ") : NULL;
+        double ea = pa ? atof(pa + 9) / 100.0 : -1;
+        CHECK_MSG(fabs(ea - a) < 1e-4, "distill eval accuracy %g, the run's %g: %s", ea, a, ev ? ev : "(no output)");
+        free(ev);
         /* config errors name the key */
         static const struct {
             const char *args, *needle;
@@ -593,5 +634,6 @@ void test_lelp(void) {
     target_tests();
     fixture_tests();
     graph_tests();
+    groups_metadata();
     cli_tests();
 }

@@ -2,6 +2,7 @@
  * in the checkpoint's metadata (or by --model, for a PyTorch state_dict
  * without it), load it strictly (or through --names), report accuracy, and
  * optionally write every logit (--logits) for comparisons with other tools. */
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -16,6 +17,7 @@ static cli_opt eval_opts[] = {
     {"--threads", "N", "threads (default: all cores)", NULL},
     {"--model", "SPEC", "model spec, for a checkpoint without distill's metadata (PyTorch)", NULL},
     {"--names", "MAP", "the checkpoint's names: auto, THEIRS=OURS,... or @FILE (docs/interop.md)", NULL},
+    {"--limit", "N", "only the first N examples (default: all)", NULL},
     {"--label-map", "MAP", "new label of each class, as [data] label_map (\"0 0 0 0 0 1 1 1 1 1\")", NULL},
     {"--logits", "FILE", "also write the logits (N,K) and labels (N) as safetensors", NULL},
     {"--val", "F", "language models: the validation fraction of the run (default 0.05)", NULL},
@@ -66,6 +68,48 @@ static kd_status write_logits(kd_classifier *c, const kd_dataset *ds, int batch,
     free(z);
     free(y);
     return st;
+}
+
+/* A head of K*S subclass logits (LELP, metadata "groups" = S): a class's
+ * log-probability is the log-sum-exp of its S subclasses' log-probabilities;
+ * accuracy and mean cross-entropy over those K classes. */
+static double lse(const float *z, int n) {
+    float m = z[0];
+    for (int i = 1; i < n; i++) m = z[i] > m ? z[i] : m;
+    double s = 0.0;
+    for (int i = 0; i < n; i++) s += exp((double)z[i] - m);
+    return m + log(s);
+}
+
+static kd_eval_result eval_groups(kd_classifier *c, const kd_dataset *ds, int batch, int S) {
+    int KS = c->m.logits->val.shape[1], K = KS / S;
+    kd_eval_result r = {0};
+    double loss = 0.0;
+    int correct = 0;
+    kd_loader_opts lo = {.batch = batch};
+    kd_loader *ld = kd_loader_new(ds, &lo);
+    int B;
+    while ((B = kd_loader_next(ld, c->x->val.data, c->y->val.data, NULL)) > 0) {
+        kd_graph_set_batch(c->g, B);
+        kd_graph_forward_to(c->g, 0, c->m.logits);
+        for (int b = 0; b < B; b++) {
+            const float *z = c->m.logits->val.data + (size_t)b * KS;
+            double all = lse(z, KS), best = -INFINITY, at_y = 0.0;
+            int arg = 0, y = (int)c->y->val.data[b];
+            for (int k = 0; k < K; k++) {
+                double lk = lse(z + (size_t)k * S, S);
+                if (lk > best) best = lk, arg = k;
+                if (k == y) at_y = lk;
+            }
+            correct += arg == y;
+            loss += all - at_y;
+        }
+        r.n += B;
+    }
+    kd_loader_free(ld);
+    r.acc = r.n ? (double)correct / r.n : 0.0;
+    r.loss = r.n ? loss / r.n : 0.0;
+    return r;
 }
 
 /* a GPT checkpoint on a text dataset: validation loss and perplexity of the
@@ -161,6 +205,11 @@ int cmd_eval(int argc, char **argv) {
     else
         st = kd_checkpoint_info_read(pos[0], &info);
     if (st == KD_OK) st = kd_dataset_load(spec, &ds);
+    if (st == KD_OK && cli_get(&eval_cmd, "--limit")) {
+        int limit = 0;
+        st = cli_parse_int("--limit", cli_get(&eval_cmd, "--limit"), 1, 1 << 30, &limit);
+        if (st == KD_OK) kd_dataset_limit(&ds, limit);
+    }
     if (st == KD_OK && cli_get(&eval_cmd, "--label-map")) {
         int map[256], n = 0;
         st = kd_label_map_parse(cli_get(&eval_cmd, "--label-map"), map, 256, &n);
@@ -179,9 +228,10 @@ int cmd_eval(int argc, char **argv) {
     if (st == KD_OK) {
         ds.mean = info.mean;
         ds.std = info.std;
-        if (ds.n_classes > info.classes)
+        int classes = info.classes / (info.groups > 1 ? info.groups : 1);
+        if (ds.n_classes > classes)
             st = kd_errorf(KD_ESHAPE, "%s has labels up to %d, the checkpoint %s has %d classes", spec, ds.n_classes - 1,
-                           pos[0], info.classes);
+                           pos[0], classes);
         ds.n_classes = info.classes;
     }
     if (st == KD_OK) {
@@ -190,7 +240,7 @@ int cmd_eval(int argc, char **argv) {
     }
     if (st == KD_OK) st = kd_checkpoint_load_names(c.g, &c.m, pos[0], names, NULL);
     if (st == KD_OK) {
-        kd_eval_result r = kd_evaluate(&c, &ds, batch);
+        kd_eval_result r = info.groups > 1 ? eval_groups(&c, &ds, batch, info.groups) : kd_evaluate(&c, &ds, batch);
         printf("%s on %s: accuracy %.2f%% (%d examples), loss %.4f\n", pos[0], spec, 100.0 * r.acc, r.n, r.loss);
     }
     if (st == KD_OK && logits) st = write_logits(&c, &ds, batch, pos[0], logits);

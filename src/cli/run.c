@@ -468,9 +468,9 @@ static kd_status run_lelp(const kd_config *cfg, const char *tspec, const char *t
     st = kd_train_classifier(&d.c, train, test, &o, log, &out->tr);
     char path[4200];
     snprintf(path, sizeof path, "%s/student.safetensors", rc->dir);
-    kd_model sm = d.c.m; /* saved with its S*K-way head: classes = K*S in the metadata */
+    kd_model sm = d.c.m; /* saved with its S*K-way head: classes = K*S, groups = S in the metadata */
     sm.logits = kd_lelp_sub_logits(&d);
-    if (st == KD_OK) st = kd_checkpoint_save(d.c.g, &sm, train, path);
+    if (st == KD_OK) st = kd_checkpoint_save_groups(d.c.g, &sm, train, lo.S, path);
     if (st == KD_OK) st = progress_done(&rc->prog, out, (const char *[]){"student.safetensors"}, 1, log->metrics);
     kd_distiller_free(&d);
     free(logq);

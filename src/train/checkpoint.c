@@ -28,6 +28,11 @@ static int in_model(const kd_node *n, const kd_model *m) {
 }
 
 kd_status kd_checkpoint_save(const kd_graph *g, const kd_model *m, const kd_dataset *ds, const char *path) {
+    return kd_checkpoint_save_groups(g, m, ds, 1, path);
+}
+
+kd_status kd_checkpoint_save_groups(const kd_graph *g, const kd_model *m, const kd_dataset *ds, int groups,
+                                    const char *path) {
     kd_st_writer *w = kd_st_writer_new();
     size_t pl = strlen(m->prefix);
     for (int i = 0; i < kd_graph_n_state(g); i++) {
@@ -49,6 +54,10 @@ kd_status kd_checkpoint_save(const kd_graph *g, const kd_model *m, const kd_data
     kd_st_set_meta(w, "input", buf);
     snprintf(buf, sizeof buf, "%.9g,%.9g", ds->mean, ds->std);
     kd_st_set_meta(w, "normalize", buf);
+    if (groups > 1) {
+        snprintf(buf, sizeof buf, "%d", groups);
+        kd_st_set_meta(w, "groups", buf);
+    }
     kd_status st = kd_st_write(w, path);
     kd_st_writer_free(w);
     return st;
@@ -578,6 +587,12 @@ static kd_status info_parse(const kd_safetensors *st, kd_checkpoint_info *info, 
              sscanf(norm, "%f,%f", &info->mean, &info->std) == 2 && info->classes >= 2 && info->c > 0 && info->h > 0 &&
              info->w > 0 && info->std > 0.0f;
     if (!ok) return kd_errorf(KD_EFORMAT, "%s: malformed metadata (classes/input/normalize)", path);
+    const char *groups = kd_st_meta(st, "groups");
+    info->groups = 1;
+    if (groups && (sscanf(groups, "%d", &info->groups) != 1 || info->groups < 1 || info->classes % info->groups != 0 ||
+                   info->classes / info->groups < 2))
+        return kd_errorf(KD_EFORMAT, "%s: metadata 'groups' = '%s' does not divide 'classes' = %d into >= 2 classes",
+                         path, groups, info->classes);
     return KD_OK;
 }
 
