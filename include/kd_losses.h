@@ -39,6 +39,8 @@ typedef struct kd_loss_inputs {
     const char *proj_prefix;      /* prefix of projector parameter names (NULL: none); a second
                                    * loss built in the same graph (mutual learning) needs another */
     int64_t n_data;               /* training-set size, for memory-bank losses (crd); 0: unknown */
+    kd_node *ce;                  /* optional: an existing kd_cross_entropy(s_logits, labels, 0) that a `ce`
+                                   * term without smoothing reuses instead of computing it again */
 } kd_loss_inputs;
 
 /* A built term: its weighted value node, for logging, and the scale node a

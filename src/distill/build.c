@@ -89,7 +89,8 @@ static kd_status b_ce(kd_lctx *c, kd_node **out) {
     float eps;
     kd_status st = kd_lneed_labels(c);
     if (st == KD_OK) st = kd_larg_float(c, d, "smoothing", 0, 0.999, &eps);
-    if (st == KD_OK) *out = kd_cross_entropy(c->g, c->in->s_logits, c->in->labels, eps);
+    if (st == KD_OK)
+        *out = c->in->ce && eps == 0.0f ? c->in->ce : kd_cross_entropy(c->g, c->in->s_logits, c->in->labels, eps);
     return st;
 }
 

@@ -77,7 +77,7 @@ static kd_status build_cached_terms(kd_lm *lm, const char *spec_str, float cache
             goto add_term;
         }
         if (strcmp(t->name, "ce") == 0)
-            v = kd_cross_entropy(lm->g, lm->m.logits, lm->y, 0.0f);
+            v = lm->ce; /* the student's CE, kept for validation */
         else if (strcmp(t->name, "kd") == 0 || strcmp(t->name, "fkl") == 0)
             kind = KD_DIV_FKL;
         else if (strcmp(t->name, "rkl") == 0)
@@ -189,7 +189,8 @@ kd_status kd_lm_new(kd_lm *lm, const kd_lm_setup *s, uint64_t seed) {
                              .s_logits = lm->m.logits,
                              .t_logits = lm->t_mix,
                              .labels = lm->y,
-                             .mask = lm->mask};
+                             .mask = lm->mask,
+                             .ce = lm->ce}; /* the student's CE, kept for validation, serves a `ce` term too */
         if (st == KD_OK) st = kd_loss_build(lm->g, &spec, &in, &lm->terms);
         if (st == KD_OK && lm->terms.uses_teacher && !lm->t_mix)
             st = kd_errorf(KD_ECONFIG, "loss '%s' reads a teacher, but none is configured", s->loss);
