@@ -58,6 +58,15 @@ static inline double kd_gradcheck(kd_graph *g, const kd_gc *p, kd_node **wrt, in
 /* Shared helpers of the op and loss tests. */
 /* Compiles g with the given seed; a failure is counted as a failed check. */
 int kd_gc_compile(kd_graph *g, int max_batch, uint64_t seed);
+/* a trainable parameter initialised to zero (tests fill it themselves) */
+static inline kd_node *kd_gc_param(kd_graph *g, const char *name, int ndim, const int *shape) {
+    return kd_param(g, name, ndim, shape, KD_INIT_ZERO, 1);
+}
+/* one forward and backward from loss */
+static inline void kd_gc_step(kd_graph *g, kd_node *loss, int training) {
+    kd_graph_forward(g, training);
+    kd_graph_backward(g, loss);
+}
 /* n's values ~ shift + scale * N(0, 1) */
 void kd_gc_fill(kd_rng *r, kd_node *n, float scale, float shift);
 /* |x| >= margin everywhere: keeps kinks at 0 (ReLU, |f|^p) out of reach of the step */

@@ -56,6 +56,9 @@ extern const char *kd_test_name;
  * signal); a whole file, NUL-terminated and malloc'd (NULL when it cannot be
  * read; len may be NULL). */
 const char *kd_test_bin(void);
+/* largest |p_i| over n floats; 1 when all n are finite, else 0 */
+double kd_test_max_abs(const float *p, long n);
+int kd_test_all_finite(const float *p, long n);
 int kd_test_sh(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 char *kd_test_slurp(const char *path, size_t *len);
 

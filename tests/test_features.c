@@ -42,18 +42,6 @@ static kd_rng rng;
 
 static void set(kd_node *n, const float *v) { memcpy(n->val.data, v, (size_t)kd_numel(&n->val) * sizeof(float)); }
 
-static double max_abs(const float *p, int64_t n) {
-    double m = 0.0;
-    for (int64_t i = 0; i < n; i++) m = fmax(m, fabs(p[i]));
-    return m;
-}
-
-static int all_finite(const float *p, int64_t n) {
-    for (int64_t i = 0; i < n; i++)
-        if (!isfinite(p[i])) return 0;
-    return 1;
-}
-
 enum { MSE, AT, SP, RKD, PKT };
 static const char *const op_names[] = {"mse", "at", "sp", "rkd", "pkt"};
 
@@ -245,8 +233,8 @@ static void closed_forms(void) {
                 CHECK_MSG(l->val.data[0] == 0.0f, "%s: loss %g", op_names[op], l->val.data[0]);
                 /* pkt: T log((T+eps)/(P+eps)) is 0 exactly, its gradient O(eps N / P) */
                 double tol = op == PKT ? 1e-6 : 0.0;
-                CHECK_MSG(max_abs(s->grad.data, 72) <= tol && max_abs(t->grad.data, 72) <= tol, "%s: |grad| %g, %g",
-                          op_names[op], max_abs(s->grad.data, 72), max_abs(t->grad.data, 72));
+                CHECK_MSG(kd_test_max_abs(s->grad.data, 72) <= tol && kd_test_max_abs(t->grad.data, 72) <= tol, "%s: |grad| %g, %g",
+                          op_names[op], kd_test_max_abs(s->grad.data, 72), kd_test_max_abs(t->grad.data, 72));
                 kd_graph_free(g);
             }
         }
@@ -259,15 +247,15 @@ static void closed_forms(void) {
             float tv3[3] = {1, 2, -0.4f};
             if ((g = eval_case(op, ss, sv, ts, op == AT ? tv3 : tv, 2.0f, 50.0f, &s, &t, &l))) {
                 int64_t ns = kd_numel(&s->val), nt = kd_numel(&t->val);
-                CHECK_MSG(all_finite(l->val.data, 1) && all_finite(s->grad.data, ns) && all_finite(t->grad.data, nt),
+                CHECK_MSG(kd_test_all_finite(l->val.data, 1) && kd_test_all_finite(s->grad.data, ns) && kd_test_all_finite(t->grad.data, nt),
                           "%s: not finite", op_names[op]);
                 if (op == AT) {
-                    CHECK_MSG(l->val.data[0] > 1e-3f && max_abs(s->grad.data, ns) > 1e-3, "at N=1: loss %g",
+                    CHECK_MSG(l->val.data[0] > 1e-3f && kd_test_max_abs(s->grad.data, ns) > 1e-3, "at N=1: loss %g",
                               l->val.data[0]);
                 } else {
                     CHECK_MSG(fabsf(l->val.data[0]) < 1e-7f, "%s: loss %g", op_names[op], l->val.data[0]);
-                    CHECK_MSG(max_abs(s->grad.data, ns) < 1e-7 && max_abs(t->grad.data, nt) < 1e-7, "%s: |grad| %g",
-                              op_names[op], max_abs(s->grad.data, ns));
+                    CHECK_MSG(kd_test_max_abs(s->grad.data, ns) < 1e-7 && kd_test_max_abs(t->grad.data, nt) < 1e-7, "%s: |grad| %g",
+                              op_names[op], kd_test_max_abs(s->grad.data, ns));
                 }
                 kd_graph_free(g);
             }
@@ -277,8 +265,8 @@ static void closed_forms(void) {
         float sv[6] = {0.3f, -1, 2, 0.5f, 1, -0.7f}, tv[4] = {1, 2, -0.4f, 0.1f};
         if ((g = eval_case(RKD, (int[]){2, 2, 3}, sv, (int[]){2, 2, 2}, tv, 25.0f, 50.0f, &s, &t, &l))) {
             CHECK_MSG(fabsf(l->val.data[0]) < 1e-6f, "loss %g", l->val.data[0]);
-            CHECK_MSG(max_abs(s->grad.data, 6) < 1e-6 && max_abs(t->grad.data, 4) < 1e-6, "|grad| %g",
-                      max_abs(s->grad.data, 6));
+            CHECK_MSG(kd_test_max_abs(s->grad.data, 6) < 1e-6 && kd_test_max_abs(t->grad.data, 4) < 1e-6, "|grad| %g",
+                      kd_test_max_abs(s->grad.data, 6));
             kd_graph_free(g);
         }
     }
@@ -363,9 +351,9 @@ static void rkd_properties(void) {
         kd_graph *g = eval_case(RKD, (int[]){2, N, D}, xs, (int[]){2, N, D}, xt, 25.0f, 50.0f, &s, &t, &l);
         if (g) {
             CHECK_CLOSE(l->val.data[0], want, 0, 1e-6);
-            CHECK_MSG(all_finite(s->grad.data, N * D) && max_abs(s->grad.data, N * D) < 100.0 &&
-                          max_abs(s->grad.data, N * D) > 0.0,
-                      "student |grad| %g", max_abs(s->grad.data, N * D));
+            CHECK_MSG(kd_test_all_finite(s->grad.data, N * D) && kd_test_max_abs(s->grad.data, N * D) < 100.0 &&
+                          kd_test_max_abs(s->grad.data, N * D) > 0.0,
+                      "student |grad| %g", kd_test_max_abs(s->grad.data, N * D));
             kd_graph_free(g);
         }
     }
@@ -396,7 +384,7 @@ static void fx_expect_grad(const kd_safetensors *st, const char *key, const kd_n
     kd_status rc = kd_st_get_f32(st, key, want, n->val.ndim, n->val.shape);
     CHECK_MSG(rc == KD_OK, "fixture: %s", kd_error_message());
     if (rc == KD_OK) {
-        double m = max_abs(want, k);
+        double m = kd_test_max_abs(want, k);
         CHECK_MSG(m > 0.0, "%s: reference gradient all zero", key);
         CHECK_ARRAYS(key, n->grad.data, want, k, FX_GRAD_ATOL_REL * m, FX_GRAD_RTOL);
     }
@@ -546,7 +534,7 @@ static void threads_independent(void) {
                 int64_t k = 1 + ks + kt;
                 CHECK_MSG(memcmp(a, b, (size_t)k * sizeof *a) == 0, "%s: results differ with the thread count",
                           op_names[op]);
-                CHECK_MSG(all_finite(a, k) && max_abs(a + 1, ks) > 0.0 && max_abs(a + 1 + ks, kt) > 0.0,
+                CHECK_MSG(kd_test_all_finite(a, k) && kd_test_max_abs(a + 1, ks) > 0.0 && kd_test_max_abs(a + 1 + ks, kt) > 0.0,
                           "%s: degenerate result", op_names[op]);
             }
             free(a);
@@ -602,7 +590,7 @@ static void batch_independent(void) {
             if (a && b) {
                 CHECK_MSG(memcmp(a, b, (size_t)(1 + kw) * sizeof *a) == 0, "%s: results depend on the max batch",
                           op_names[op]);
-                CHECK_MSG(all_finite(a, 1 + kw) && max_abs(a + 1, kw) > 0.0, "%s: degenerate result", op_names[op]);
+                CHECK_MSG(kd_test_all_finite(a, 1 + kw) && kd_test_max_abs(a + 1, kw) > 0.0, "%s: degenerate result", op_names[op]);
             }
             free(a);
             free(b);

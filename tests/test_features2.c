@@ -33,27 +33,6 @@
 
 static kd_rng rng;
 
-static double max_abs(const float *p, int64_t n) {
-    double m = 0.0;
-    for (int64_t i = 0; i < n; i++) m = fmax(m, fabs(p[i]));
-    return m;
-}
-
-static int all_finite(const float *p, int64_t n) {
-    for (int64_t i = 0; i < n; i++)
-        if (!isfinite(p[i])) return 0;
-    return 1;
-}
-
-static kd_node *param(kd_graph *g, const char *name, int ndim, const int *shape) {
-    return kd_param(g, name, ndim, shape, KD_INIT_ZERO, 1);
-}
-
-static void step(kd_graph *g, kd_node *loss, int training) {
-    kd_graph_forward(g, training);
-    kd_graph_backward(g, loss);
-}
-
 /* ============================================================ 1. gradients */
 
 static double gc_run(kd_graph *g, kd_node *out, kd_node **wrt, int n, int training, double eps) {
@@ -67,8 +46,8 @@ static double gc_run(kd_graph *g, kd_node *out, kd_node **wrt, int n, int traini
 
 static void gc_vid(const int *sh, float a0, float eps) {
     kd_graph *g = kd_graph_new();
-    kd_node *mu = param(g, "mu", sh[0], sh + 1), *t = param(g, "t", sh[0], sh + 1);
-    kd_node *a = param(g, "alpha", 1, sh + 2);
+    kd_node *mu = kd_gc_param(g, "mu", sh[0], sh + 1), *t = kd_gc_param(g, "t", sh[0], sh + 1);
+    kd_node *a = kd_gc_param(g, "alpha", 1, sh + 2);
     kd_node *wrt[3] = {mu, t, a};
     double err = gc_run(g, kd_vid_nll(g, mu, t, a, a0, eps), wrt, 3, 1, 1e-2);
     CHECK_MSG(err < GC_TOL, "vid_nll %dD a0 %g: gradient error %.3g", sh[0], a0, err);
@@ -84,7 +63,7 @@ static void gradchecks(void) {
         int shapes[2][4] = {{2, 3, 5}, {3, 2, 2, 3}};
         for (int c = 0; c < 2; c++) {
             kd_graph *g = kd_graph_new();
-            kd_node *x = param(g, "x", shapes[c][0], shapes[c] + 1);
+            kd_node *x = kd_gc_param(g, "x", shapes[c][0], shapes[c] + 1);
             double err = gc_run(g, kd_l2norm(g, x), &x, 1, 1, 1e-2);
             CHECK_MSG(err < GC_TOL, "l2norm case %d: gradient error %.3g", c, err);
             kd_graph_free(g);
@@ -93,7 +72,7 @@ static void gradchecks(void) {
     TEST("gradcheck crd_infonce: raw rows (T=0.5) and behind l2norm (T=0.07)") {
         for (int c = 0; c < 2; c++) {
             kd_graph *g = kd_graph_new();
-            kd_node *s = param(g, "s", 2, (int[]){5, 4}), *t = param(g, "t", 2, (int[]){5, 4});
+            kd_node *s = kd_gc_param(g, "s", 2, (int[]){5, 4}), *t = kd_gc_param(g, "t", 2, (int[]){5, 4});
             kd_node *l = c == 0 ? kd_crd_infonce(g, s, t, 0.5f) : kd_crd_infonce(g, kd_l2norm(g, s), kd_l2norm(g, t), 0.07f);
             kd_node *wrt[2] = {s, t};
             double err = gc_run(g, l, wrt, 2, 1, c == 0 ? 1e-2 : 2e-3);
@@ -104,7 +83,7 @@ static void gradchecks(void) {
     TEST("gradcheck crd_nce behind l2norm (eval mode: banks fixed), T=0.5 and 0.2") {
         for (int c = 0; c < 2; c++) {
             kd_graph *g = kd_graph_new();
-            kd_node *s = param(g, "s", 2, (int[]){3, 4}), *t = param(g, "t", 2, (int[]){3, 4});
+            kd_node *s = kd_gc_param(g, "s", 2, (int[]){3, 4}), *t = kd_gc_param(g, "t", 2, (int[]){3, 4});
             kd_node *idx = kd_input(g, "idx", 1, (int[]){3});
             kd_node *l = kd_crd_nce(g, kd_l2norm(g, s), kd_l2norm(g, t), idx, 10, 6, c ? 0.2f : 0.5f, 0.5f);
             kd_gc p = kd_gradcheck_project(g, l);
@@ -124,7 +103,7 @@ static void gradchecks(void) {
         int shapes[2][5] = {{2, 5, 3}, {4, 3, 2, 2, 2}};
         for (int c = 0; c < 2; c++) {
             kd_graph *g = kd_graph_new();
-            kd_node *x = param(g, "x", shapes[c][0], shapes[c] + 1);
+            kd_node *x = kd_gc_param(g, "x", shapes[c][0], shapes[c] + 1);
             double err = gc_run(g, kd_bn_noaffine(g, x, 1e-4f), &x, 1, 1, 1e-2);
             CHECK_MSG(err < GC_TOL, "bn_noaffine case %d: gradient error %.3g", c, err);
             kd_graph_free(g);
@@ -134,7 +113,7 @@ static void gradchecks(void) {
         float alphas[3] = {4.0f, 2.5f, 1.5f};
         for (int c = 0; c < 3; c++) {
             kd_graph *g = kd_graph_new();
-            kd_node *a = param(g, "a", 2, (int[]){4, 5}), *b = param(g, "b", 2, (int[]){4, 5});
+            kd_node *a = kd_gc_param(g, "a", 2, (int[]){4, 5}), *b = kd_gc_param(g, "b", 2, (int[]){4, 5});
             kd_node *l = kd_logsum(g, a, b, alphas[c]);
             kd_gc p = kd_gradcheck_project(g, l);
             if (kd_gc_compile(g, 4, 7)) {
@@ -157,16 +136,16 @@ static void closed_forms(void) {
     TEST("vid_nll at mu = t: 0.5 log(init_var), d mu = 0, d alpha = sigmoid(a0) / (2 C var)") {
         kd_graph *g = kd_graph_new();
         int sh[4] = {2, 3, 2, 2};
-        kd_node *mu = param(g, "mu", 4, sh), *t = param(g, "t", 4, sh), *a = param(g, "a", 1, (int[]){3});
+        kd_node *mu = kd_gc_param(g, "mu", 4, sh), *t = kd_gc_param(g, "t", 4, sh), *a = kd_gc_param(g, "a", 1, (int[]){3});
         double iv = 5.0, eps = 1e-5, a0 = log(expm1(iv - eps));
         kd_node *l = kd_vid_nll(g, mu, t, a, (float)a0, (float)eps);
         if (kd_gc_compile(g, 2, 7)) {
             kd_gc_fill(&rng, mu, 1.0f, 0.0f);
             memcpy(t->val.data, mu->val.data, 24 * sizeof(float));
-            step(g, l, 1);
+            kd_gc_step(g, l, 1);
             double var = log1p(exp((float)a0)) + (float)eps;
             CHECK_CLOSE(l->val.data[0], 0.5 * log(iv), 0, 1e-6);
-            CHECK(max_abs(mu->grad.data, 24) == 0.0 && max_abs(t->grad.data, 24) == 0.0);
+            CHECK(kd_test_max_abs(mu->grad.data, 24) == 0.0 && kd_test_max_abs(t->grad.data, 24) == 0.0);
             double want = 1.0 / (1.0 + exp(-(float)a0)) / (2.0 * 3.0 * var);
             for (int c = 0; c < 3; c++) CHECK_CLOSE(a->grad.data[c], want, 0, 1e-5);
         }
@@ -174,18 +153,18 @@ static void closed_forms(void) {
     }
     TEST("crd_infonce on orthonormal rows: 2 (log(e^(1/T) + N - 1) - 1/T)") {
         kd_graph *g = kd_graph_new();
-        kd_node *s = param(g, "s", 2, (int[]){4, 4}), *t = param(g, "t", 2, (int[]){4, 4});
+        kd_node *s = kd_gc_param(g, "s", 2, (int[]){4, 4}), *t = kd_gc_param(g, "t", 2, (int[]){4, 4});
         kd_node *l = kd_crd_infonce(g, s, t, 0.5f);
         if (kd_gc_compile(g, 4, 7)) {
             for (int i = 0; i < 16; i++) s->val.data[i] = t->val.data[i] = i % 5 == 0 ? 1.0f : 0.0f;
-            step(g, l, 1);
+            kd_gc_step(g, l, 1);
             CHECK_CLOSE(l->val.data[0], 2.0 * (log(exp(2.0) + 3.0) - 2.0), 0, 1e-6);
         }
         kd_graph_free(g);
     }
     TEST("crd_nce with all-zero banks: every x = 1/M, loss 2 (log(1+K) - K log(K/(1+K)))") {
         kd_graph *g = kd_graph_new();
-        kd_node *s = param(g, "s", 2, (int[]){3, 4}), *t = param(g, "t", 2, (int[]){3, 4});
+        kd_node *s = kd_gc_param(g, "s", 2, (int[]){3, 4}), *t = kd_gc_param(g, "t", 2, (int[]){3, 4});
         kd_node *idx = kd_input(g, "idx", 1, (int[]){3});
         kd_node *l = kd_crd_nce(g, s, t, idx, 50, 9, 0.07f, 0.5f);
         if (kd_gc_compile(g, 3, 7)) {
@@ -194,18 +173,18 @@ static void closed_forms(void) {
             kd_gc_fill(&rng, s, 1.0f, 0.0f);
             kd_gc_fill(&rng, t, 1.0f, 0.0f);
             for (int i = 0; i < 3; i++) idx->val.data[i] = (float)(7 * i);
-            step(g, l, 0);
+            kd_gc_step(g, l, 0);
             double K = 9.0;
             /* eps = 1e-7 against x + c = 10/50: 5e-7 relative */
             CHECK_CLOSE(l->val.data[0], 2.0 * (log(1.0 + K) - K * log(K / (1.0 + K))), 0, 2e-6);
             /* zero banks: zero gradients */
-            CHECK(max_abs(s->grad.data, 12) == 0.0);
+            CHECK(kd_test_max_abs(s->grad.data, 12) == 0.0);
         }
         kd_graph_free(g);
     }
     TEST("bn_noaffine: per-channel mean 0 and variance v / (v + eps)") {
         kd_graph *g = kd_graph_new();
-        kd_node *x = param(g, "x", 4, (int[]){3, 2, 2, 2});
+        kd_node *x = kd_gc_param(g, "x", 4, (int[]){3, 2, 2, 2});
         kd_node *y = kd_bn_noaffine(g, x, 1e-4f);
         kd_node *l = kd_mean(g, y);
         if (kd_gc_compile(g, 3, 7)) {
@@ -232,19 +211,19 @@ static void closed_forms(void) {
             }
             /* the mean of a normalised tensor is constant: zero gradient */
             kd_graph_backward(g, l);
-            CHECK(max_abs(x->grad.data, 24) < 1e-6);
+            CHECK(kd_test_max_abs(x->grad.data, 24) < 1e-6);
         }
         kd_graph_free(g);
     }
     TEST("logsum of known differences: log(1 + 16 + 0 + 1/16) for alpha 4, gradients 4 d^3 / S") {
         kd_graph *g = kd_graph_new();
-        kd_node *a = param(g, "a", 2, (int[]){2, 2}), *b = param(g, "b", 2, (int[]){2, 2});
+        kd_node *a = kd_gc_param(g, "a", 2, (int[]){2, 2}), *b = kd_gc_param(g, "b", 2, (int[]){2, 2});
         kd_node *l = kd_logsum(g, a, b, 4.0f);
         if (kd_gc_compile(g, 2, 7)) {
             float av[4] = {1, -2, 3, 0.5f}, bv[4] = {0, 0, 3, 0};
             memcpy(a->val.data, av, sizeof av);
             memcpy(b->val.data, bv, sizeof bv);
-            step(g, l, 1);
+            kd_gc_step(g, l, 1);
             double S = 1 + 16 + 0 + 0.0625;
             CHECK_CLOSE(l->val.data[0], log(S), 0, 1e-7);
             float ga[4] = {(float)(4 / S), (float)(-32 / S), 0, (float)(0.5 / S)};
@@ -255,19 +234,19 @@ static void closed_forms(void) {
     }
     TEST("l2norm: unit rows, a zero row stays 0 without NaN") {
         kd_graph *g = kd_graph_new();
-        kd_node *x = param(g, "x", 2, (int[]){3, 4});
+        kd_node *x = kd_gc_param(g, "x", 2, (int[]){3, 4});
         kd_node *y = kd_l2norm(g, x);
         kd_node *l = kd_sum(g, y);
         if (kd_gc_compile(g, 3, 7)) {
             kd_gc_fill(&rng, x, 1.0f, 0.0f);
             memset(x->val.data + 4, 0, 4 * sizeof(float));
-            step(g, l, 1);
+            kd_gc_step(g, l, 1);
             for (int i = 0; i < 3; i++) {
                 double n2 = 0;
                 for (int d = 0; d < 4; d++) n2 += (double)y->val.data[i * 4 + d] * y->val.data[i * 4 + d];
                 CHECK_CLOSE(n2, i == 1 ? 0.0 : 1.0, 1e-6, 0);
             }
-            CHECK(all_finite(x->grad.data, 12));
+            CHECK(kd_test_all_finite(x->grad.data, 12));
         }
         kd_graph_free(g);
     }
@@ -298,7 +277,7 @@ static void fx_expect(const kd_safetensors *st, const char *key, const float *ha
     int64_t k = kd_shape_numel(ndim, shape);
     float *want = kd_malloc((size_t)k * sizeof *want);
     if (fx_get(st, key, want, ndim, shape)) {
-        double m = max_abs(want, k);
+        double m = kd_test_max_abs(want, k);
         CHECK_MSG(m > 0.0, "%s: reference all zero", key);
         CHECK_ARRAYS(key, have, want, k, FX_ATOL_REL * m, FX_RTOL);
     }
@@ -319,7 +298,7 @@ static void fx_grad(const kd_safetensors *st, const char *key, const kd_node *n)
 static void fx_vid(const kd_safetensors *st, const char *name, int ndim, const int *sh, float a0, float eps) {
     char k[64];
     kd_graph *g = kd_graph_new();
-    kd_node *mu = param(g, "mu", ndim, sh), *t = param(g, "t", ndim, sh), *a = param(g, "a", 1, sh + 1);
+    kd_node *mu = kd_gc_param(g, "mu", ndim, sh), *t = kd_gc_param(g, "t", ndim, sh), *a = kd_gc_param(g, "a", 1, sh + 1);
     kd_node *l = kd_vid_nll(g, mu, t, a, a0, eps);
     if (kd_gc_compile(g, sh[0], 7)) {
         int ok = 1;
@@ -327,7 +306,7 @@ static void fx_vid(const kd_safetensors *st, const char *name, int ndim, const i
         snprintf(k, sizeof k, "%s.t", name), ok &= fx_load(st, k, t);
         snprintf(k, sizeof k, "%s.alpha", name), ok &= fx_load(st, k, a);
         if (ok) {
-            step(g, l, 1);
+            kd_gc_step(g, l, 1);
             snprintf(k, sizeof k, "%s.loss", name), fx_loss(st, k, l);
             snprintf(k, sizeof k, "%s.grad_mu", name), fx_grad(st, k, mu);
             snprintf(k, sizeof k, "%s.grad_t", name), fx_grad(st, k, t);
@@ -342,7 +321,7 @@ static void fx_vid(const kd_safetensors *st, const char *name, int ndim, const i
 static void fx_crd(const kd_safetensors *st) {
     enum { M = 20, D = 8, K = 12, N = 4 };
     kd_graph *g = kd_graph_new();
-    kd_node *es = param(g, "es", 2, (int[]){N, 6}), *et = param(g, "et", 2, (int[]){N, 5});
+    kd_node *es = kd_gc_param(g, "es", 2, (int[]){N, 6}), *et = kd_gc_param(g, "et", 2, (int[]){N, 5});
     kd_node *ws = kd_buffer(g, "ws", 2, (int[]){D, 6}, 0), *wt = kd_buffer(g, "wt", 2, (int[]){D, 5}, 0);
     kd_node *idx = kd_input(g, "idx", 1, (int[]){N});
     kd_node *l = kd_crd_nce(g, kd_l2norm(g, kd_matmul(g, es, ws, NULL)), kd_l2norm(g, kd_matmul(g, et, wt, NULL)), idx,
@@ -359,7 +338,7 @@ static void fx_crd(const kd_safetensors *st) {
             snprintf(k, sizeof k, "crd.idx%d", s), ok &= fx_load(st, k, idx);
             if (!ok) break;
             kd_graph_set_step(g, (uint64_t)(s + 2));
-            step(g, l, 1);
+            kd_gc_step(g, l, 1);
             snprintf(k, sizeof k, "crd.loss%d", s), fx_loss(st, k, l);
             snprintf(k, sizeof k, "crd.grad_es%d", s), fx_grad(st, k, es);
             snprintf(k, sizeof k, "crd.grad_et%d", s), fx_grad(st, k, et);
@@ -388,14 +367,14 @@ static void fixture(void) {
         for (int c = 0; c < 2; c++) {
             char k[64];
             kd_graph *g = kd_graph_new();
-            kd_node *es = param(g, "es", 2, (int[]){6, 8}), *et = param(g, "et", 2, (int[]){6, 8});
+            kd_node *es = kd_gc_param(g, "es", 2, (int[]){6, 8}), *et = kd_gc_param(g, "et", 2, (int[]){6, 8});
             kd_node *l = kd_crd_infonce(g, kd_l2norm(g, es), kd_l2norm(g, et), temps[c]);
             if (kd_gc_compile(g, 6, 7)) {
                 snprintf(k, sizeof k, "%s.es", nce[c]);
                 int ok = fx_load(&st, k, es);
                 snprintf(k, sizeof k, "%s.et", nce[c]);
                 if (ok && fx_load(&st, k, et)) {
-                    step(g, l, 1);
+                    kd_gc_step(g, l, 1);
                     snprintf(k, sizeof k, "%s.loss", nce[c]), fx_loss(&st, k, l);
                     snprintf(k, sizeof k, "%s.grad_es", nce[c]), fx_grad(&st, k, es);
                     snprintf(k, sizeof k, "%s.grad_et", nce[c]), fx_grad(&st, k, et);
@@ -409,14 +388,14 @@ static void fixture(void) {
         for (int c = 0; c < 2; c++) {
             char k[64];
             kd_graph *g = kd_graph_new();
-            kd_node *s = param(g, "s", 2, (int[]){6, 5}), *t = param(g, "t", 2, (int[]){6, 5});
+            kd_node *s = kd_gc_param(g, "s", 2, (int[]){6, 5}), *t = kd_gc_param(g, "t", 2, (int[]){6, 5});
             kd_node *l = kd_logsum(g, kd_bn_noaffine(g, s, 1e-4f), kd_bn_noaffine(g, t, 1e-4f), alphas[c]);
             if (kd_gc_compile(g, 6, 7)) {
                 snprintf(k, sizeof k, "%s.s", mm[c]);
                 int ok = fx_load(&st, k, s);
                 snprintf(k, sizeof k, "%s.t", mm[c]);
                 if (ok && fx_load(&st, k, t)) {
-                    step(g, l, 1);
+                    kd_gc_step(g, l, 1);
                     snprintf(k, sizeof k, "%s.loss", mm[c]), fx_loss(&st, k, l);
                     snprintf(k, sizeof k, "%s.grad_s", mm[c]), fx_grad(&st, k, s);
                     snprintf(k, sizeof k, "%s.grad_t", mm[c]), fx_grad(&st, k, t);
@@ -438,8 +417,8 @@ typedef struct nce_g {
 static int nce_new(nce_g *q, int max_batch, int M, int D, int K, int threads, float mom) {
     q->g = kd_graph_new();
     kd_graph_set_threads(q->g, threads);
-    q->s = param(q->g, "s", 2, (int[]){max_batch, D});
-    q->t = param(q->g, "t", 2, (int[]){max_batch, D});
+    q->s = kd_gc_param(q->g, "s", 2, (int[]){max_batch, D});
+    q->t = kd_gc_param(q->g, "t", 2, (int[]){max_batch, D});
     q->idx = kd_input(q->g, "idx", 1, &max_batch);
     q->l = kd_crd_nce(q->g, kd_l2norm(q->g, q->s), kd_l2norm(q->g, q->t), q->idx, M, K, 0.1f, mom);
     return kd_gc_compile(q->g, max_batch, 7);
@@ -454,7 +433,7 @@ static void memory_bank(void) {
             kd_graph_forward(a.g, 0);
             kd_graph_forward(b.g, 0);
             const float *ba = kd_crd_bank(a.l, 0), *bb = kd_crd_bank(b.l, 0);
-            double sd = 1.0 / sqrt(2.0), mx = max_abs(ba, 2 * 30 * 6);
+            double sd = 1.0 / sqrt(2.0), mx = kd_test_max_abs(ba, 2 * 30 * 6);
             CHECK_MSG(mx <= sd && mx > 0.9 * sd, "bank range %g vs %g", mx, sd);
             CHECK(memcmp(ba, bb, 2 * 30 * 6 * sizeof(float)) == 0);
             CHECK(memcmp(ba, kd_crd_bank(a.l, 1), 30 * 6 * sizeof(float)) != 0);
@@ -477,7 +456,7 @@ static void memory_bank(void) {
             CHECK(memcmp(before[0], kd_crd_bank(q.l, 0), sizeof before[0]) == 0);
             float l0 = q.l->val.data[0];
             kd_graph_set_step(q.g, 1);
-            step(q.g, q.l, 1);
+            kd_gc_step(q.g, q.l, 1);
             CHECK_MSG(memcmp(before[0], kd_crd_bank(q.l, 0), sizeof before[0]) == 0, "bank moved before backward");
             /* normalised embeddings, by hand */
             for (int side = 0; side < 2; side++)
@@ -540,7 +519,7 @@ static float *run_op(int op, int threads, int max_batch, int N, int *k_out) {
     kd_graph *g = kd_graph_new();
     kd_graph_set_threads(g, threads);
     kd_node *xs = kd_input(g, "xs", 2, (int[]){max_batch, D}), *xt = kd_input(g, "xt", 2, (int[]){max_batch, D});
-    kd_node *ws = param(g, "ws", 2, (int[]){D, D}), *wt = param(g, "wt", 2, (int[]){D, D});
+    kd_node *ws = kd_gc_param(g, "ws", 2, (int[]){D, D}), *wt = kd_gc_param(g, "wt", 2, (int[]){D, D});
     kd_node *zs = kd_l2norm(g, kd_matmul(g, xs, ws, NULL)), *zt = kd_l2norm(g, kd_matmul(g, xt, wt, NULL));
     kd_node *idx = op == 1 ? kd_input(g, "idx", 1, &max_batch) : NULL;
     kd_node *l = op == 1 ? kd_crd_nce(g, zs, zt, idx, 500, 300, 0.1f, 0.5f) : kd_crd_infonce(g, zs, zt, 0.07f);
@@ -551,7 +530,7 @@ static float *run_op(int op, int threads, int max_batch, int N, int *k_out) {
         kd_gc_fill(&rng, ws, 0.3f, 0), kd_gc_fill(&rng, wt, 0.3f, 0), kd_gc_fill(&rng, xs, 1, 0), kd_gc_fill(&rng, xt, 1, 0);
         if (idx)
             for (int i = 0; i < N; i++) idx->val.data[i] = (float)(37 * i % 500);
-        step(g, l, 1);
+        kd_gc_step(g, l, 1);
         *k_out = 1 + 2 * D * D;
         out = kd_malloc((size_t)*k_out * sizeof *out);
         out[0] = l->val.data[0];
@@ -570,7 +549,7 @@ static void integration(void) {
             if (a && b && c) {
                 CHECK_MSG(memcmp(a, b, (size_t)k * sizeof *a) == 0, "op %d: depends on the thread count", op);
                 CHECK_MSG(memcmp(a, c, (size_t)k * sizeof *a) == 0, "op %d: depends on the max batch", op);
-                CHECK_MSG(all_finite(a, k) && max_abs(a + 1, k - 1) > 0.0, "op %d: degenerate", op);
+                CHECK_MSG(kd_test_all_finite(a, k) && kd_test_max_abs(a + 1, k - 1) > 0.0, "op %d: degenerate", op);
             }
             free(a), free(b), free(c);
         }
@@ -674,7 +653,7 @@ static void rows_vid_crd(void) {
             CHECK(kd_graph_find(p.g, "proj1.0.bias") == NULL);
             kd_node *a = find(&p, "proj1.log_scale"), *mu = find(&p, "proj1.4");
             CHECK(shape_is(a, 1, (int[]){20}) && a->grad.data != NULL);
-            step(p.g, p.L.total, 1);
+            kd_gc_step(p.g, p.L.total, 1);
             /* mean of 0.5 ((mu - t)^2 / 3 + log 3): the variance is init_var exactly */
             double s = 0;
             for (int i = 0; i < 6 * 20; i++) {
@@ -682,7 +661,7 @@ static void rows_vid_crd(void) {
                 s += 0.5 * (d * d / 3.0 + log(3.0));
             }
             CHECK_CLOSE(p.L.terms[0].value->val.data[0], s / 120, 0, 1e-5);
-            CHECK(max_abs(a->grad.data, 20) > 0 && max_abs(find(&p, "proj1.0.weight")->grad.data, 240) > 0);
+            CHECK(kd_test_max_abs(a->grad.data, 20) > 0 && kd_test_max_abs(find(&p, "proj1.0.weight")->grad.data, 240) > 0);
         }
         kd_graph_free(p.g);
     }
@@ -693,7 +672,7 @@ static void rows_vid_crd(void) {
             CHECK(shape_is(find(&p, "proj1.0.weight"), 4, (int[]){4, 3, 1, 1}));
             CHECK(shape_is(find(&p, "proj1.2.weight"), 4, (int[]){4, 4, 1, 1}));
             CHECK(shape_is(find(&p, "proj1.4.weight"), 4, (int[]){6, 4, 1, 1}));
-            step(p.g, p.L.total, 1);
+            kd_gc_step(p.g, p.L.total, 1);
             CHECK(isfinite(p.L.total->val.data[0]));
         }
         kd_graph_free(p.g);
@@ -705,8 +684,8 @@ static void rows_vid_crd(void) {
             kd_node *hs = find(&p, "proj1.embed_s.weight"), *ht = find(&p, "proj1.embed_t.weight");
             CHECK(shape_is(hs, 2, (int[]){16, 12}) && shape_is(ht, 2, (int[]){16, 20}));
             CHECK(kd_graph_find(p.g, "idx") == NULL);
-            step(p.g, p.L.total, 1);
-            CHECK(ht->grad.data && max_abs(ht->grad.data, 320) > 0 && max_abs(hs->grad.data, 192) > 0);
+            kd_gc_step(p.g, p.L.total, 1);
+            CHECK(ht->grad.data && kd_test_max_abs(ht->grad.data, 320) > 0 && kd_test_max_abs(hs->grad.data, 192) > 0);
             CHECK(kd_graph_find(p.g, "t.head.weight")->grad.data == NULL);
         }
         kd_graph_free(p.g);
@@ -719,8 +698,8 @@ static void rows_vid_crd(void) {
             CHECK(idx && (idx->flags & KD_F_INPUT) && shape_is(idx, 1, (int[]){6}));
             CHECK(v->op == KD_OP_CRD_NCE && v->ip[0] == 64 && v->ip[1] == 40 && fabsf(v->fp[0] - 0.07f) < 1e-9f &&
                   v->fp[1] == 0.5f);
-            step(p.g, p.L.total, 1);
-            CHECK(isfinite(v->val.data[0]) && max_abs(find(&p, "proj1.embed_t.weight")->grad.data, 320) > 0);
+            kd_gc_step(p.g, p.L.total, 1);
+            CHECK(isfinite(v->val.data[0]) && kd_test_max_abs(find(&p, "proj1.embed_t.weight")->grad.data, 320) > 0);
         }
         kd_graph_free(p.g);
         st = pair_build(&p, "mlp: 12", "mlp: 20", "crd(n_data=80, dim=8) + crd(n_data=80, dim=8, weight=2)", 64);
@@ -741,7 +720,7 @@ static void rows_vid_crd(void) {
         if (st == KD_OK) {
             kd_node *idx = find(&p, "idx");
             for (int i = 0; i < 6; i++) idx->val.data[i] = (float)(5 - i);
-            step(p.g, p.L.total, 1);
+            kd_gc_step(p.g, p.L.total, 1);
             CHECK(isfinite(p.L.terms[0].value->val.data[0]));
         }
         kd_graph_free(p.g);
@@ -756,7 +735,7 @@ static void rows_simkd_mm(void) {
         if (st == KD_OK) {
             kd_node *L = p.L.infer_logits, *y = find(&p, "proj2.2");
             CHECK(L != NULL && (L->flags & KD_F_KEEP) && shape_is(L, 2, (int[]){6, 5}));
-            step(p.g, p.L.total, 1);
+            kd_gc_step(p.g, p.L.total, 1);
             kd_node *w = find(&p, "t.head.weight"), *b = find(&p, "t.head.bias");
             double yd[6 * 20], lg[6 * 5], s = 0;
             for (int i = 0; i < 120; i++) {
@@ -791,7 +770,7 @@ static void rows_simkd_mm(void) {
             }
             if (w[0] && w[1] && w[2] && b[0] && b[1] && b[2]) {
                 CHECK(memcmp(w[0]->val.data, w[1]->val.data, 240 * sizeof(float)) != 0);
-                step(p.g, p.L.total, 1);
+                kd_gc_step(p.g, p.L.total, 1);
                 double fs[72], ys[120], acc[120] = {0}, zs[120], zt[120];
                 for (int i = 0; i < 72; i++) fs[i] = p.s.feat->val.data[i];
                 for (int m = 0; m < 3; m++) {
@@ -811,7 +790,7 @@ static void rows_simkd_mm(void) {
                 double S = 0;
                 for (int i = 0; i < 120; i++) S += pow(zs[i] - zt[i], 4);
                 CHECK_CLOSE(p.L.terms[0].value->val.data[0], log(S), 0, 2e-5);
-                for (int m = 0; m < 3; m++) CHECK(max_abs(w[m]->grad.data, 240) > 0);
+                for (int m = 0; m < 3; m++) CHECK(kd_test_max_abs(w[m]->grad.data, 240) > 0);
             }
         }
         kd_graph_free(p.g);
@@ -823,7 +802,7 @@ static void rows_simkd_mm(void) {
             kd_node *w0 = find(&p, "proj1e0.weight"), *w1 = find(&p, "proj1e1.weight");
             kd_node *b0 = find(&p, "proj1e0.bias"), *b1 = find(&p, "proj1e1.bias");
             if (w0 && w1 && b0 && b1) {
-                step(p.g, p.L.total, 1);
+                kd_gc_step(p.g, p.L.total, 1);
                 double fs[72], y0[120], y1[120], s = 0;
                 for (int i = 0; i < 72; i++) fs[i] = p.s.feat->val.data[i];
                 naive_linear(y0, fs, w0->val.data, b0->val.data, 6, 12, 20);

@@ -36,27 +36,6 @@
 
 static kd_rng rng;
 
-static double max_abs(const float *p, int64_t n) {
-    double m = 0.0;
-    for (int64_t i = 0; i < n; i++) m = fmax(m, fabs(p[i]));
-    return m;
-}
-
-static int all_finite(const float *p, int64_t n) {
-    for (int64_t i = 0; i < n; i++)
-        if (!isfinite(p[i])) return 0;
-    return 1;
-}
-
-static kd_node *param(kd_graph *g, const char *name, int ndim, const int *shape) {
-    return kd_param(g, name, ndim, shape, KD_INIT_ZERO, 1);
-}
-
-static void step(kd_graph *g, kd_node *loss, int training) {
-    kd_graph_forward(g, training);
-    kd_graph_backward(g, loss);
-}
-
 /* ============================================================ 1. gradients */
 
 /* compiles, fills wrt (away from 0 when `away`: |f| has a kink there), checks */
@@ -79,7 +58,7 @@ static void gradchecks(void) {
         int shapes[3][4] = {{1, 2, 5, 7}, {3, 1, 3, 4}, {2, 2, 4, 6}};
         for (int c = 0; c < 3; c++) {
             kd_graph *g = kd_graph_new();
-            kd_node *x = param(g, "x", 4, shapes[c]);
+            kd_node *x = kd_gc_param(g, "x", 4, shapes[c]);
             double err = gc_run(g, kd_haar2d(g, x), &x, 1, 0, 1e-2);
             CHECK_MSG(err < GC_TOL, "haar2d case %d: gradient error %.3g", c, err);
             kd_graph_free(g);
@@ -90,8 +69,8 @@ static void gradchecks(void) {
         for (int c = 0; c < 3; c++) {
             kd_graph *g = kd_graph_new();
             int sh4[4] = {3, 8, 3, 2}, sh3[3] = {1, 6, 5}, shh[4] = {3, 2, 5, 7};
-            kd_node *a = c == 0 ? param(g, "a", 4, sh4) : c == 1 ? param(g, "a", 3, sh3) : param(g, "a", 4, shh);
-            kd_node *b = c == 0 ? param(g, "b", 4, sh4) : c == 1 ? param(g, "b", 3, sh3) : param(g, "b", 4, shh);
+            kd_node *a = c == 0 ? kd_gc_param(g, "a", 4, sh4) : c == 1 ? kd_gc_param(g, "a", 3, sh3) : kd_gc_param(g, "a", 4, shh);
+            kd_node *b = c == 0 ? kd_gc_param(g, "b", 4, sh4) : c == 1 ? kd_gc_param(g, "b", 3, sh3) : kd_gc_param(g, "b", 4, shh);
             kd_node *l = c == 0   ? kd_band_mse(g, a, b, 4, w4)
                          : c == 1 ? kd_band_mse(g, a, b, 2, w2)
                                   : kd_band_mse(g, kd_haar2d(g, a), kd_haar2d(g, b), 4, w4);
@@ -105,7 +84,7 @@ static void gradchecks(void) {
         for (int c = 0; c < 2; c++) {
             kd_graph *g = kd_graph_new();
             int B = c ? 3 : 1, H = c ? 3 : 5, W = c ? 5 : 3;
-            kd_node *fs = param(g, "fs", 4, (int[]){B, 2, H, W}), *ft = param(g, "ft", 4, (int[]){B, 3, H, W});
+            kd_node *fs = kd_gc_param(g, "fs", 4, (int[]){B, 2, H, W}), *ft = kd_gc_param(g, "ft", 4, (int[]){B, 3, H, W});
             kd_node *wrt[2] = {fs, ft};
             double err = gc_run(g, kd_attn_mask(g, fs, ft, c ? 2.0f : 0.5f, 0), wrt, 2, 1, 2e-3);
             CHECK_MSG(err < GC_TOL, "attn_mask case %d: gradient error %.3g", c, err);
@@ -116,8 +95,8 @@ static void gradchecks(void) {
         for (int c = 0; c < 2; c++) {
             kd_graph *g = kd_graph_new();
             int B = c ? 3 : 1, C = c ? 3 : 2, H = c ? 3 : 5, W = c ? 5 : 3;
-            kd_node *a = param(g, "a", 4, (int[]){B, C, H, W}), *b = param(g, "b", 4, (int[]){B, C, H, W});
-            kd_node *m = param(g, "m", 4, (int[]){B, 1, H, W});
+            kd_node *a = kd_gc_param(g, "a", 4, (int[]){B, C, H, W}), *b = kd_gc_param(g, "b", 4, (int[]){B, C, H, W});
+            kd_node *m = kd_gc_param(g, "m", 4, (int[]){B, 1, H, W});
             kd_node *wrt[3] = {a, b, m};
             double err = gc_run(g, kd_masked_mse(g, a, b, m), wrt, 3, 0, 1e-2);
             CHECK_MSG(err < GC_TOL, "masked_mse case %d: gradient error %.3g", c, err);
@@ -127,8 +106,8 @@ static void gradchecks(void) {
     TEST("gradcheck sokd chain masked_mse(y, ft, attn_mask(fs, ft)): through the mask, and detached") {
         for (int detach = 0; detach < 2; detach++) {
             kd_graph *g = kd_graph_new();
-            kd_node *y = param(g, "y", 4, (int[]){3, 2, 5, 3}), *ft = param(g, "ft", 4, (int[]){3, 2, 5, 3});
-            kd_node *fs = param(g, "fs", 4, (int[]){3, 4, 5, 3});
+            kd_node *y = kd_gc_param(g, "y", 4, (int[]){3, 2, 5, 3}), *ft = kd_gc_param(g, "ft", 4, (int[]){3, 2, 5, 3});
+            kd_node *fs = kd_gc_param(g, "fs", 4, (int[]){3, 4, 5, 3});
             kd_node *l = kd_masked_mse(g, y, ft, kd_attn_mask(g, fs, ft, 0.8f, detach));
             /* detached, the gradient is not the derivative any more where the
              * mask depends on the input: only y is checked (ft's and fs's
@@ -136,7 +115,7 @@ static void gradchecks(void) {
             kd_node *wrt[3] = {y, ft, fs};
             double err = gc_run(g, l, wrt, detach ? 1 : 3, 1, 2e-3);
             CHECK_MSG(err < GC_TOL, "sokd chain detach=%d: gradient error %.3g", detach, err);
-            if (detach) CHECK(max_abs(fs->grad.data, 3 * 4 * 5 * 3) == 0.0);
+            if (detach) CHECK(kd_test_max_abs(fs->grad.data, 3 * 4 * 5 * 3) == 0.0);
             kd_graph_free(g);
         }
     }
@@ -144,8 +123,8 @@ static void gradchecks(void) {
         for (int c = 0; c < 2; c++) {
             kd_graph *g = kd_graph_new();
             int sh[2] = {c ? 3 : 1, c ? 5 : 4};
-            kd_node *ms = param(g, "ms", 2, sh), *ls = param(g, "ls", 2, sh), *mt = param(g, "mt", 2, sh),
-                    *lt = param(g, "lt", 2, sh);
+            kd_node *ms = kd_gc_param(g, "ms", 2, sh), *ls = kd_gc_param(g, "ls", 2, sh), *mt = kd_gc_param(g, "mt", 2, sh),
+                    *lt = kd_gc_param(g, "lt", 2, sh);
             kd_node *wrt[4] = {ms, ls, mt, lt};
             double err = gc_run(g, kd_gauss_kl(g, ms, ls, mt, lt), wrt, 4, 0, 1e-2);
             CHECK_MSG(err < GC_TOL, "gauss_kl case %d: gradient error %.3g", c, err);
@@ -161,7 +140,7 @@ static void closed_forms(void) {
         for (int odd = 0; odd < 2; odd++) {
             int H = odd ? 5 : 4, W = odd ? 7 : 6, H2 = (H + 1) / 2, W2 = (W + 1) / 2;
             kd_graph *g = kd_graph_new();
-            kd_node *x = param(g, "x", 4, (int[]){2, 3, H, W});
+            kd_node *x = kd_gc_param(g, "x", 4, (int[]){2, 3, H, W});
             kd_node *y = kd_haar2d(g, x);
             if (kd_gc_compile(g, 2, 7)) {
                 for (int i = 0; i < 2 * 3 * H * W; i++) x->val.data[i] = 1.5f;
@@ -192,14 +171,14 @@ static void closed_forms(void) {
     TEST("haar2d is orthonormal: energy preserved on odd maps, gradient of |y|^2/2 is x") {
         kd_graph *g = kd_graph_new();
         int sh[4] = {3, 2, 5, 7};
-        kd_node *x = param(g, "x", 4, sh), *z = kd_buffer(g, "z", 4, (int[]){3, 8, 3, 4}, 0.0f);
+        kd_node *x = kd_gc_param(g, "x", 4, sh), *z = kd_buffer(g, "z", 4, (int[]){3, 8, 3, 4}, 0.0f);
         kd_node *y = kd_haar2d(g, x);
         y->flags |= KD_F_KEEP;
         const float ones[4] = {1, 1, 1, 1};
         kd_node *l = kd_band_mse(g, y, z, 4, ones); /* sum y^2 / numel(y) */
         if (kd_gc_compile(g, 3, 7)) {
             kd_gc_fill(&rng, x, 1.0f, 0.3f);
-            step(g, l, 1);
+            kd_gc_step(g, l, 1);
             double ex = 0, ey = 0;
             for (int i = 0; i < 210; i++) ex += (double)x->val.data[i] * x->val.data[i];
             for (int i = 0; i < 3 * 8 * 12; i++) ey += (double)y->val.data[i] * y->val.data[i];
@@ -215,7 +194,7 @@ static void closed_forms(void) {
     TEST("band_mse with unit weights = mse; freekd(w=1) = spatial mse on even maps (Parseval)") {
         kd_graph *g = kd_graph_new();
         int sh[4] = {2, 3, 4, 6};
-        kd_node *a = param(g, "a", 4, sh), *b = param(g, "b", 4, sh);
+        kd_node *a = kd_gc_param(g, "a", 4, sh), *b = kd_gc_param(g, "b", 4, sh);
         const float ones[4] = {1, 1, 1, 1}, w[4] = {2, 0, 0, 0};
         kd_node *l1 = kd_band_mse(g, a, b, 3, ones), *l2 = kd_mse(g, a, b);
         kd_node *l3 = kd_band_mse(g, kd_haar2d(g, a), kd_haar2d(g, b), 4, ones);
@@ -225,7 +204,7 @@ static void closed_forms(void) {
         if (kd_gc_compile(g, 2, 7)) {
             kd_gc_fill(&rng, a, 1.0f, 0.0f);
             kd_gc_fill(&rng, b, 1.0f, 0.5f);
-            step(g, l, 1);
+            kd_gc_step(g, l, 1);
             CHECK_CLOSE(l1->val.data[0], l2->val.data[0], 0, 1e-6);
             CHECK_CLOSE(l3->val.data[0], l2->val.data[0], 0, 1e-5);
             /* LL alone, weight 2: the block means' squared differences, by hand */
@@ -248,7 +227,7 @@ static void closed_forms(void) {
     TEST("attn_mask: uniform maps give all ones (masked_mse = mse); mean 1; weight follows the shared attention") {
         kd_graph *g = kd_graph_new();
         int ss[4] = {2, 3, 3, 5}, st_[4] = {2, 2, 3, 5};
-        kd_node *fs = param(g, "fs", 4, ss), *ft = param(g, "ft", 4, st_), *y = param(g, "y", 4, st_);
+        kd_node *fs = kd_gc_param(g, "fs", 4, ss), *ft = kd_gc_param(g, "ft", 4, st_), *y = kd_gc_param(g, "y", 4, st_);
         kd_node *m = kd_attn_mask(g, fs, ft, 0.5f, 1);
         m->flags |= KD_F_KEEP;
         kd_node *lm = kd_masked_mse(g, y, ft, m), *l2 = kd_mse(g, y, ft);
@@ -259,7 +238,7 @@ static void closed_forms(void) {
             for (int i = 0; i < 90; i++) fs->val.data[i] = (i % 2 ? -1.0f : 1.0f) * (i < 45 ? 0.7f : 2.0f);
             for (int i = 0; i < 60; i++) ft->val.data[i] = i < 30 ? 0.4f : -3.0f;
             kd_gc_fill(&rng, y, 1.0f, 0.0f);
-            step(g, l, 1);
+            kd_gc_step(g, l, 1);
             for (int i = 0; i < 30; i++) CHECK_CLOSE(m->val.data[i], 1.0, 0, 1e-6);
             CHECK_CLOSE(lm->val.data[0], l2->val.data[0], 0, 1e-6);
             /* random maps: mean 1 per example, the largest weight where u_s + u_t is largest */
@@ -291,15 +270,15 @@ static void closed_forms(void) {
     }
     TEST("masked_mse: a zero weight drops a position, other weights scale it (naive sum)") {
         kd_graph *g = kd_graph_new();
-        kd_node *a = param(g, "a", 3, (int[]){2, 3, 4}), *b = param(g, "b", 3, (int[]){2, 3, 4});
-        kd_node *m = param(g, "m", 3, (int[]){2, 1, 4});
+        kd_node *a = kd_gc_param(g, "a", 3, (int[]){2, 3, 4}), *b = kd_gc_param(g, "b", 3, (int[]){2, 3, 4});
+        kd_node *m = kd_gc_param(g, "m", 3, (int[]){2, 1, 4});
         kd_node *l = kd_masked_mse(g, a, b, m);
         if (kd_gc_compile(g, 2, 7)) {
             kd_gc_fill(&rng, a, 1.0f, 0.0f);
             kd_gc_fill(&rng, b, 1.0f, 0.0f);
             float mv[8] = {0, 1, 2, 0.5f, 3, 0, 1, 1};
             memcpy(m->val.data, mv, sizeof mv);
-            step(g, l, 1);
+            kd_gc_step(g, l, 1);
             double s = 0;
             for (int e = 0; e < 2; e++)
                 for (int c = 0; c < 3; c++)
@@ -316,23 +295,23 @@ static void closed_forms(void) {
     TEST("gauss_kl: identical Gaussians give 0 and zero gradients; known values") {
         kd_graph *g = kd_graph_new();
         int sh[2] = {3, 4};
-        kd_node *ms = param(g, "ms", 2, sh), *ls = param(g, "ls", 2, sh), *mt = param(g, "mt", 2, sh),
-                *lt = param(g, "lt", 2, sh);
+        kd_node *ms = kd_gc_param(g, "ms", 2, sh), *ls = kd_gc_param(g, "ls", 2, sh), *mt = kd_gc_param(g, "mt", 2, sh),
+                *lt = kd_gc_param(g, "lt", 2, sh);
         kd_node *l = kd_gauss_kl(g, ms, ls, mt, lt);
         if (kd_gc_compile(g, 3, 7)) {
             kd_gc_fill(&rng, ms, 1.0f, 0.0f);
             kd_gc_fill(&rng, ls, 0.5f, 0.0f);
             memcpy(mt->val.data, ms->val.data, 12 * sizeof(float));
             memcpy(lt->val.data, ls->val.data, 12 * sizeof(float));
-            step(g, l, 1);
+            kd_gc_step(g, l, 1);
             CHECK(fabs(l->val.data[0]) < 1e-7);
-            CHECK(max_abs(ms->grad.data, 12) < 1e-7 && max_abs(ls->grad.data, 12) < 1e-7);
-            CHECK(max_abs(mt->grad.data, 12) < 1e-7 && max_abs(lt->grad.data, 12) < 1e-7);
+            CHECK(kd_test_max_abs(ms->grad.data, 12) < 1e-7 && kd_test_max_abs(ls->grad.data, 12) < 1e-7);
+            CHECK(kd_test_max_abs(mt->grad.data, 12) < 1e-7 && kd_test_max_abs(lt->grad.data, 12) < 1e-7);
             /* N(1, 4) against N(0, 1) per element: 1/2 (0 - log 4 + 4 + 1 - 1) = 2 - log 2; 4 dims, rows averaged */
             for (int i = 0; i < 12; i++) {
                 ms->val.data[i] = 0, ls->val.data[i] = 0, mt->val.data[i] = 1, lt->val.data[i] = (float)log(4.0);
             }
-            step(g, l, 1);
+            kd_gc_step(g, l, 1);
             CHECK_CLOSE(l->val.data[0], 4.0 * (2.0 - log(2.0)), 0, 1e-6);
             /* dmu_s = (mu_s - mu_t) / v_s / N = -1/3 */
             for (int i = 0; i < 12; i++) CHECK_CLOSE(ms->grad.data[i], -1.0 / 3.0, 0, 1e-6);
@@ -371,9 +350,9 @@ static void fx_expect(const kd_safetensors *st, const char *pre, const char *key
     float *want = kd_malloc((size_t)cnt * sizeof *want);
     if (fx_get(st, k, want, n->val.ndim, n->val.shape)) {
         const float *have = grad ? n->grad.data : n->val.data;
-        double m = max_abs(want, cnt);
+        double m = kd_test_max_abs(want, cnt);
         if (m == 0.0)
-            CHECK_MSG(max_abs(have, cnt) == 0.0, "%s: reference all zero, ours not", k);
+            CHECK_MSG(kd_test_max_abs(have, cnt) == 0.0, "%s: reference all zero, ours not", k);
         else
             CHECK_ARRAYS(k, have, want, cnt, FX_ATOL_REL * m, FX_RTOL);
     }
@@ -391,12 +370,12 @@ static void fx_loss(const kd_safetensors *st, const char *pre, const kd_node *lo
 
 static void fx_freekd(const kd_safetensors *st, const char *pre, const int *sh, const float *w) {
     kd_graph *g = kd_graph_new();
-    kd_node *s = param(g, "s", 4, sh), *t = param(g, "t", 4, sh);
+    kd_node *s = kd_gc_param(g, "s", 4, sh), *t = kd_gc_param(g, "t", 4, sh);
     kd_node *hs = kd_haar2d(g, s);
     hs->flags |= KD_F_KEEP;
     kd_node *l = kd_band_mse(g, hs, kd_haar2d(g, t), 4, w);
     if (kd_gc_compile(g, sh[0], 7) && fx_load(st, pre, "s", s) && fx_load(st, pre, "t", t)) {
-        step(g, l, 1);
+        kd_gc_step(g, l, 1);
         fx_loss(st, pre, l);
         fx_expect(st, pre, "haar_s", hs, 0);
         fx_expect(st, pre, "grad_s", s, 1);
@@ -408,14 +387,14 @@ static void fx_freekd(const kd_safetensors *st, const char *pre, const int *sh, 
 static void fx_sokd(const kd_safetensors *st, const char *pre, int B, int Cs, int Ct, int H, int W, float tau,
                     int detach) {
     kd_graph *g = kd_graph_new();
-    kd_node *y = param(g, "y", 4, (int[]){B, Ct, H, W}), *ft = param(g, "ft", 4, (int[]){B, Ct, H, W});
-    kd_node *fs = param(g, "fs", 4, (int[]){B, Cs, H, W});
+    kd_node *y = kd_gc_param(g, "y", 4, (int[]){B, Ct, H, W}), *ft = kd_gc_param(g, "ft", 4, (int[]){B, Ct, H, W});
+    kd_node *fs = kd_gc_param(g, "fs", 4, (int[]){B, Cs, H, W});
     kd_node *m = kd_attn_mask(g, fs, ft, tau, detach);
     m->flags |= KD_F_KEEP;
     kd_node *l = kd_masked_mse(g, y, ft, m);
     if (kd_gc_compile(g, B, 7) && fx_load(st, pre, "y", y) && fx_load(st, pre, "ft", ft) &&
         fx_load(st, pre, "fs", fs)) {
-        step(g, l, 1);
+        kd_gc_step(g, l, 1);
         fx_loss(st, pre, l);
         fx_expect(st, pre, "mask", m, 0);
         fx_expect(st, pre, "grad_y", y, 1);
@@ -428,15 +407,15 @@ static void fx_sokd(const kd_safetensors *st, const char *pre, int B, int Cs, in
 static void fx_gkl(const kd_safetensors *st, const char *pre, int N, int D) {
     kd_graph *g = kd_graph_new();
     int sh[2] = {N, D};
-    kd_node *in[4] = {param(g, "mu_s", 2, sh), param(g, "lv_s", 2, sh), param(g, "mu_t", 2, sh),
-                      param(g, "lv_t", 2, sh)};
+    kd_node *in[4] = {kd_gc_param(g, "mu_s", 2, sh), kd_gc_param(g, "lv_s", 2, sh), kd_gc_param(g, "mu_t", 2, sh),
+                      kd_gc_param(g, "lv_t", 2, sh)};
     kd_node *l = kd_gauss_kl(g, in[0], in[1], in[2], in[3]);
     const char *names[4] = {"mu_s", "lv_s", "mu_t", "lv_t"};
     if (kd_gc_compile(g, N, 7)) {
         int ok = 1;
         for (int k = 0; k < 4; k++) ok &= fx_load(st, pre, names[k], in[k]);
         if (ok) {
-            step(g, l, 1);
+            kd_gc_step(g, l, 1);
             fx_loss(st, pre, l);
             for (int k = 0; k < 4; k++) {
                 char key[16];
@@ -476,9 +455,9 @@ static float *run_ops(int threads, int *k_out) {
     kd_graph *g = kd_graph_new();
     kd_graph_set_threads(g, threads);
     int sh[4] = {B, C, H, W}, shd[2] = {8, D};
-    kd_node *a = param(g, "a", 4, sh), *b = param(g, "b", 4, sh), *fs = param(g, "fs", 4, sh);
-    kd_node *ms = param(g, "ms", 2, shd), *ls = param(g, "ls", 2, shd), *mt = param(g, "mt", 2, shd),
-            *lt = param(g, "lt", 2, shd);
+    kd_node *a = kd_gc_param(g, "a", 4, sh), *b = kd_gc_param(g, "b", 4, sh), *fs = kd_gc_param(g, "fs", 4, sh);
+    kd_node *ms = kd_gc_param(g, "ms", 2, shd), *ls = kd_gc_param(g, "ls", 2, shd), *mt = kd_gc_param(g, "mt", 2, shd),
+            *lt = kd_gc_param(g, "lt", 2, shd);
     const float w[4] = {1, 0.5f, 0.5f, 0.5f};
     kd_node *l1 = kd_band_mse(g, kd_haar2d(g, a), kd_haar2d(g, b), 4, w);
     kd_node *l2 = kd_masked_mse(g, a, b, kd_attn_mask(g, fs, b, 1.0f, 0));
@@ -490,7 +469,7 @@ static float *run_ops(int threads, int *k_out) {
         kd_rng_seed(&rng, 777);
         kd_node *leaves[7] = {a, b, fs, ms, ls, mt, lt};
         for (int i = 0; i < 7; i++) kd_gc_fill(&rng, leaves[i], i == 4 || i == 6 ? 0.3f : 1.0f, 0.0f);
-        step(g, l, 1);
+        kd_gc_step(g, l, 1);
         *k_out = 3 + 3 * X + 4 * 8 * D;
         out = kd_malloc((size_t)*k_out * sizeof *out);
         out[0] = l1->val.data[0], out[1] = l2->val.data[0], out[2] = l3->val.data[0];
@@ -511,7 +490,7 @@ static void threads(void) {
         float *a = run_ops(1, &k), *b = run_ops(3, &k);
         if (a && b) {
             CHECK_MSG(memcmp(a, b, (size_t)k * sizeof *a) == 0, "depends on the thread count");
-            CHECK(all_finite(a, k) && a[0] > 0 && a[1] > 0 && a[2] > 0);
+            CHECK(kd_test_all_finite(a, k) && a[0] > 0 && a[1] > 0 && a[2] > 0);
         }
         free(a), free(b);
     }
@@ -634,11 +613,11 @@ static void rows(void) {
             if (w1 && w2 && b1 && b2) {
                 memcpy(w2->val.data, w1->val.data, 32 * sizeof(float));
                 memcpy(b2->val.data, b1->val.data, 8 * sizeof(float));
-                step(p.g, p.L.total, 1);
+                kd_gc_step(p.g, p.L.total, 1);
                 /* block2 is 3x3: padded to 4x4 */
                 CHECK_CLOSE(p.L.terms[0].value->val.data[0], p.L.terms[1].value->val.data[0] * 9.0 / 16.0, 0, 1e-5);
                 CHECK(isfinite(p.L.terms[2].value->val.data[0]) && p.L.terms[2].value->val.data[0] > 0);
-                CHECK(max_abs(w1->grad.data, 32) > 0 && max_abs(find(&p, "s.conv1.weight")->grad.data, 27) > 0);
+                CHECK(kd_test_max_abs(w1->grad.data, 32) > 0 && kd_test_max_abs(find(&p, "s.conv1.weight")->grad.data, 27) > 0);
             }
         }
         kd_graph_free(p.g);
@@ -647,7 +626,7 @@ static void rows(void) {
         kd_status st = pair_build(&p, "cnn: c8 p c8 p bn=0", T_CNN, "freekd(proj=none, w_ll=3, w_high=0)", NULL);
         CHECK_MSG(st == KD_OK, "%s", kd_error_message());
         if (st == KD_OK) {
-            step(p.g, p.L.total, 1);
+            kd_gc_step(p.g, p.L.total, 1);
             const kd_node *fs = find(&p, "s.block2"), *ft = find(&p, "t.block2");
             double s = 0;
             for (int ec = 0; ec < 48; ec++)
@@ -678,7 +657,7 @@ static void rows(void) {
                 kd_graph_free(p.g);
                 break;
             }
-            step(p.g, p.L.total, 1);
+            kd_gc_step(p.g, p.L.total, 1);
             const kd_node *fs = find(&p, "s.block1"), *ft = find(&p, "t.block1"), *y = find(&p, "proj1");
             double tot = 0;
             for (int e = 0; e < 6; e++) {
@@ -717,7 +696,7 @@ static void rows(void) {
             kd_node *ro = find(&p, "proj1.t.readout.weight"), *tmu = find(&p, "proj1.t.mu.weight");
             CHECK(shape_is(fs, 2, (int[]){8, 7}) && shape_is(ft, 2, (int[]){8, 14}) && shape_is(ro, 2, (int[]){5, 8}));
             CHECK(shape_is(find(&p, "proj1.s.logvar.weight"), 2, (int[]){8, 8}) && shape_is(tmu, 2, (int[]){8, 8}));
-            step(p.g, p.L.total, 1);
+            kd_gc_step(p.g, p.L.total, 1);
             const kd_node *mus = find(&p, "proj1.s.mu"), *lvs = find(&p, "proj1.s.logvar"),
                           *mut = find(&p, "proj1.t.mu"), *lvt = find(&p, "proj1.t.logvar"),
                           *r = find(&p, "proj1.t.readout");
@@ -747,8 +726,8 @@ static void rows(void) {
             for (int i = 0; i < 48; i++) muf[i] = (float)mu[i];
             CHECK_ARRAYS("unikd student mean", mus->val.data, muf, 48, 1e-5, 1e-5);
             /* both heads train; the frozen teacher does not */
-            CHECK(max_abs(fs->grad.data, 56) > 0 && max_abs(ft->grad.data, 112) > 0);
-            CHECK(max_abs(tmu->grad.data, 64) > 0 && max_abs(ro->grad.data, 40) > 0);
+            CHECK(kd_test_max_abs(fs->grad.data, 56) > 0 && kd_test_max_abs(ft->grad.data, 112) > 0);
+            CHECK(kd_test_max_abs(tmu->grad.data, 64) > 0 && kd_test_max_abs(ro->grad.data, 40) > 0);
             CHECK(find(&p, "t.conv1.weight")->grad.data == NULL);
         }
         kd_graph_free(p.g);
@@ -768,7 +747,7 @@ static void rows(void) {
         if (st == KD_OK) {
             kd_node *w0 = find(&p, "proj1.0.weight"), *w1 = find(&p, "proj1.1.weight");
             CHECK(shape_is(w0, 2, (int[]){5, 3}) && shape_is(w1, 2, (int[]){5, 4}));
-            step(p.g, p.L.total, 1);
+            kd_gc_step(p.g, p.L.total, 1);
             double g1[18], g2[24], z[30], want = 0;
             naive_gap(g1, find(&p, "s.block1"));
             naive_gap(g2, find(&p, "s.block2"));
@@ -777,10 +756,10 @@ static void rows(void) {
             naive_linear(z, g2, w1->val.data, find(&p, "proj1.1.bias")->val.data, 6, 4, 5);
             want += naive_kl(z, p.t.logits->val.data, 6, 5, 2.0);
             CHECK_CLOSE(p.L.terms[0].value->val.data[0], want, 0, 1e-5);
-            CHECK(max_abs(w0->grad.data, 15) > 0 && max_abs(find(&p, "s.conv1.weight")->grad.data, 27) > 0);
+            CHECK(kd_test_max_abs(w0->grad.data, 15) > 0 && kd_test_max_abs(find(&p, "s.conv1.weight")->grad.data, 27) > 0);
             /* the student's own head is not in this loss */
             kd_node *hw = find(&p, "s.head.weight");
-            CHECK(hw && max_abs(hw->grad.data, kd_numel(&hw->val)) == 0.0);
+            CHECK(hw && kd_test_max_abs(hw->grad.data, kd_numel(&hw->val)) == 0.0);
         }
         kd_graph_free(p.g);
     }
@@ -850,15 +829,15 @@ static void end_to_end(void) {
             kd_graph *g = d.c.g;
             kd_gc_fill(&rng, d.c.x, 1.0f, 0.0f);
             for (int r = 0; r < 8; r++) d.c.y->val.data[r] = (float)(r % 3);
-            step(g, d.c.loss, 1);
+            kd_gc_step(g, d.c.loss, 1);
             CHECK_MSG(isfinite(d.c.loss->val.data[0]), "'%s': loss %g", specs[i], d.c.loss->val.data[0]);
-            CHECK_MSG(all_finite(kd_graph_param_grad(g), (int64_t)kd_graph_param_count(g)), "'%s': grads", specs[i]);
+            CHECK_MSG(kd_test_all_finite(kd_graph_param_grad(g), (int64_t)kd_graph_param_count(g)), "'%s': grads", specs[i]);
             double pg = 0;
             int np = 0;
             for (int k = 0; k < kd_graph_n_state(g); k++) {
                 kd_node *n = kd_graph_state(g, k);
                 if (strncmp(n->name, "proj3", 5) == 0 && n->grad.data) {
-                    pg = fmax(pg, max_abs(n->grad.data, kd_numel(&n->val)));
+                    pg = fmax(pg, kd_test_max_abs(n->grad.data, kd_numel(&n->val)));
                     np++;
                 }
             }

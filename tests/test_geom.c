@@ -38,27 +38,6 @@
 
 static kd_rng rng;
 
-static double max_abs(const float *p, int64_t n) {
-    double m = 0.0;
-    for (int64_t i = 0; i < n; i++) m = fmax(m, fabs(p[i]));
-    return m;
-}
-
-static int all_finite(const float *p, int64_t n) {
-    for (int64_t i = 0; i < n; i++)
-        if (!isfinite(p[i])) return 0;
-    return 1;
-}
-
-static kd_node *param(kd_graph *g, const char *name, int ndim, const int *shape) {
-    return kd_param(g, name, ndim, shape, KD_INIT_ZERO, 1);
-}
-
-static void step(kd_graph *g, kd_node *loss, int training) {
-    kd_graph_forward(g, training);
-    kd_graph_backward(g, loss);
-}
-
 typedef kd_node *(*geo_fn)(kd_graph *, kd_node *, kd_node *);
 static const struct {
     const char *name;
@@ -72,8 +51,8 @@ static int64_t numel_of(const int *sh) { return kd_shape_numel(sh[0], sh + 1); }
 
 /* op `op` on two trainable leaves of shapes ss, ts; procrustes on `path` */
 static kd_node *geo_build(kd_graph *g, int op, const int *ss, const int *ts, int path, kd_node **s, kd_node **t) {
-    *s = param(g, "s", ss[0], ss + 1);
-    *t = param(g, "t", ts[0], ts + 1);
+    *s = kd_gc_param(g, "s", ss[0], ss + 1);
+    *t = kd_gc_param(g, "t", ts[0], ts + 1);
     kd_node *l = GEO[op].fn(g, *s, *t);
     if (op == PR) l->ip[0] = path;
     return l;
@@ -88,7 +67,7 @@ static double geo_eval(int op, const int *ss, const int *ts, int path, const flo
     if (kd_gc_compile(g, ss[1], 7)) {
         memcpy(s->val.data, sv, (size_t)numel_of(ss) * sizeof(float));
         memcpy(t->val.data, tv, (size_t)numel_of(ts) * sizeof(float));
-        step(g, l, 1);
+        kd_gc_step(g, l, 1);
         v = l->val.data[0];
         if (gs) memcpy(gs, s->grad.data, (size_t)numel_of(ss) * sizeof(float));
         if (gt) memcpy(gt, t->grad.data, (size_t)numel_of(ts) * sizeof(float));
@@ -130,10 +109,10 @@ typedef struct dcd_g {
 
 static int dcd_new(dcd_g *q, int N, int D, const kd_dcd_args *a) {
     q->g = kd_graph_new();
-    q->es = param(q->g, "es", 2, (int[]){N, D});
-    q->et = param(q->g, "et", 2, (int[]){N, D});
-    q->th = param(q->g, "theta", 1, (int[]){1});
-    q->be = param(q->g, "beta", 1, (int[]){1});
+    q->es = kd_gc_param(q->g, "es", 2, (int[]){N, D});
+    q->et = kd_gc_param(q->g, "et", 2, (int[]){N, D});
+    q->th = kd_gc_param(q->g, "theta", 1, (int[]){1});
+    q->be = kd_gc_param(q->g, "beta", 1, (int[]){1});
     q->l = kd_dcd(q->g, kd_l2norm(q->g, q->es), kd_l2norm(q->g, q->et), q->th, q->be, a);
     return 1;
 }
@@ -199,8 +178,8 @@ static void gradchecks(void) {
         if (kd_gc_compile(q.g, 5, 7)) {
             kd_gc_fill(&rng, q.es, 1, 0), kd_gc_fill(&rng, q.et, 1, 0);
             q.th->val.data[0] = 1.6f;
-            step(q.g, q.l, 1);
-            CHECK(q.th->grad.data[0] == 0.0f && max_abs(q.es->grad.data, 20) > 0.0);
+            kd_gc_step(q.g, q.l, 1);
+            CHECK(q.th->grad.data[0] == 0.0f && kd_test_max_abs(q.es->grad.data, 20) > 0.0);
         }
         kd_graph_free(q.g);
     }
@@ -236,7 +215,7 @@ static void closed_forms(void) {
                 double v = geo_eval(op, sh, sh, path, x, x, gs, NULL);
                 CHECK_MSG(fabs(v) < 1e-6, "%s (%s): %g", GEO[op].name, PATHS[path], v);
                 /* a minimum: the student's gradient vanishes (gram: 0 by convention at the kink) */
-                CHECK_MSG(max_abs(gs, 54) < 1e-4, "%s: gradient %g at the minimum", GEO[op].name, max_abs(gs, 54));
+                CHECK_MSG(kd_test_max_abs(gs, 54) < 1e-4, "%s: gradient %g at the minimum", GEO[op].name, kd_test_max_abs(gs, 54));
             }
     }
     TEST("teacher = student rotated (orthogonal Q), or embedded isometrically into a wider space: all 0") {
@@ -298,7 +277,7 @@ static void closed_forms(void) {
         double want[3] = {2.0, 0.0, 1.0};
         for (int op = 0; op < 3; op++) {
             CHECK_CLOSE(geo_eval(op, ss, ts, 0, s, t, gs, gt), want[op], 0, 0);
-            CHECK(max_abs(gs, 5) == 0.0 && max_abs(gt, 3) == 0.0);
+            CHECK(kd_test_max_abs(gs, 5) == 0.0 && kd_test_max_abs(gt, 3) == 0.0);
         }
     }
     TEST("dcd on orthonormal rows (zs = zt): w_nce (log(e^s + N - 1) - s), no KL, either target") {
@@ -307,13 +286,13 @@ static void closed_forms(void) {
             kd_dcd_args a = {.consist = c ? KD_DCD_TEACHER : KD_DCD_CROSS, .log_scale0 = 1.0f, .bias0 = -2.0f,
                              .max_scale = 10.0f, .w_nce = 0.7f, .w_kl = 3.0f};
             kd_graph *g = kd_graph_new();
-            kd_node *s = param(g, "s", 2, (int[]){N, N}), *t = param(g, "t", 2, (int[]){N, N});
-            kd_node *th = param(g, "th", 1, (int[]){1}), *be = param(g, "be", 1, (int[]){1});
+            kd_node *s = kd_gc_param(g, "s", 2, (int[]){N, N}), *t = kd_gc_param(g, "t", 2, (int[]){N, N});
+            kd_node *th = kd_gc_param(g, "th", 1, (int[]){1}), *be = kd_gc_param(g, "be", 1, (int[]){1});
             kd_node *l = kd_dcd(g, s, t, th, be, &a);
             if (kd_gc_compile(g, N, 7)) {
                 for (int i = 0; i < N * N; i++) s->val.data[i] = t->val.data[i] = i % (N + 1) == 0 ? 1.0f : 0.0f;
                 th->val.data[0] = 0.25f, be->val.data[0] = 0.5f;
-                step(g, l, 1);
+                kd_gc_step(g, l, 1);
                 double sc = exp(1.25);
                 CHECK_CLOSE(l->val.data[0], 0.7 * (log(exp(sc) + N - 1) - sc), 0, 1e-6);
                 CHECK(fabs(be->grad.data[0]) < 1e-7);
@@ -338,8 +317,8 @@ static void closed_forms(void) {
         dcd_new(&q, 1, 3, &a);
         if (kd_gc_compile(q.g, 1, 7)) {
             kd_gc_fill(&rng, q.es, 1, 0), kd_gc_fill(&rng, q.et, 1, 0);
-            step(q.g, q.l, 1);
-            CHECK(q.l->val.data[0] == 0.0f && all_finite(q.es->grad.data, 3));
+            kd_gc_step(q.g, q.l, 1);
+            CHECK(q.l->val.data[0] == 0.0f && kd_test_all_finite(q.es->grad.data, 3));
         }
         kd_graph_free(q.g);
     }
@@ -366,7 +345,7 @@ static void fx_expect(const kd_safetensors *st, const char *key, const float *ha
     int64_t k = kd_shape_numel(ndim, shape);
     float *want = kd_malloc((size_t)k * sizeof *want);
     if (fx_get(st, key, want, ndim, shape)) {
-        double m = max_abs(want, k);
+        double m = kd_test_max_abs(want, k);
         CHECK_MSG(m > 0.0, "%s: reference all zero", key);
         CHECK_ARRAYS(key, have, want, k, FX_ATOL_REL * m, FX_RTOL);
     }
@@ -407,7 +386,7 @@ static void fx_dcd(const kd_safetensors *st, const char *name, int N, int D, kd_
         snprintf(k, sizeof k, "%s.theta", name), ok &= fx_get(st, k, q.th->val.data, 1, (int[]){1});
         snprintf(k, sizeof k, "%s.beta", name), ok &= fx_get(st, k, q.be->val.data, 1, (int[]){1});
         if (ok) {
-            step(q.g, q.l, 1);
+            kd_gc_step(q.g, q.l, 1);
             snprintf(k, sizeof k, "%s.loss", name), fx_loss(st, k, q.l->val.data[0]);
             snprintf(k, sizeof k, "%s.grad_es", name), fx_expect(st, k, q.es->grad.data, 2, (int[]){N, D});
             snprintf(k, sizeof k, "%s.grad_et", name), fx_expect(st, k, q.et->grad.data, 2, (int[]){N, D});
@@ -462,13 +441,13 @@ static float *run_op(int op, int threads, int max_batch, int N, int Ds, int Dt, 
     kd_graph *g = kd_graph_new();
     kd_graph_set_threads(g, threads);
     kd_node *xs = kd_input(g, "xs", 2, (int[]){max_batch, IN}), *xt = kd_input(g, "xt", 2, (int[]){max_batch, IN});
-    kd_node *ws = param(g, "ws", 2, (int[]){Ds, IN}), *wt = param(g, "wt", 2, (int[]){Dt, IN});
+    kd_node *ws = kd_gc_param(g, "ws", 2, (int[]){Ds, IN}), *wt = kd_gc_param(g, "wt", 2, (int[]){Dt, IN});
     kd_node *fs = kd_matmul(g, xs, ws, NULL), *ft = kd_matmul(g, xt, wt, NULL), *l;
     if (op < 3) {
         l = GEO[op].fn(g, fs, ft);
         if (op == PR) l->ip[0] = path;
     } else {
-        kd_node *th = param(g, "th", 1, (int[]){1}), *be = param(g, "be", 1, (int[]){1});
+        kd_node *th = kd_gc_param(g, "th", 1, (int[]){1}), *be = kd_gc_param(g, "be", 1, (int[]){1});
         kd_dcd_args a = {.consist = path, .log_scale0 = 1.0f, .max_scale = 10.0f, .w_nce = 1.0f, .w_kl = 1.0f};
         l = kd_dcd(g, kd_l2norm(g, fs), kd_l2norm(g, ft), th, be, &a);
     }
@@ -478,7 +457,7 @@ static float *run_op(int op, int threads, int max_batch, int N, int Ds, int Dt, 
         kd_rng r;
         kd_rng_seed(&r, 4242);
         kd_gc_fill(&r, ws, 0.3f, 0), kd_gc_fill(&r, wt, 0.3f, 0), kd_gc_fill(&r, xs, 1, 0), kd_gc_fill(&r, xt, 1, 0.1f);
-        step(g, l, 1);
+        kd_gc_step(g, l, 1);
         *k_out = 1 + (Ds + Dt) * IN;
         out = kd_malloc((size_t)*k_out * sizeof *out);
         out[0] = l->val.data[0];
@@ -498,8 +477,8 @@ static void paths_and_determinism(void) {
             float *b = run_op(PR, 1, dims[c][0], dims[c][0], dims[c][1], dims[c][2], 2, &k);
             if (a && b) {
                 CHECK_CLOSE(a[0], b[0], 0, 1e-6);
-                CHECK_ARRAYS("direct vs reduced gradients", a + 1, b + 1, k - 1, 1e-6 * max_abs(b + 1, k - 1), 1e-5);
-                CHECK(max_abs(a + 1, k - 1) > 0.0);
+                CHECK_ARRAYS("direct vs reduced gradients", a + 1, b + 1, k - 1, 1e-6 * kd_test_max_abs(b + 1, k - 1), 1e-5);
+                CHECK(kd_test_max_abs(a + 1, k - 1) > 0.0);
             }
             free(a), free(b);
         }
@@ -513,7 +492,7 @@ static void paths_and_determinism(void) {
             if (a && b && c) {
                 CHECK_MSG(memcmp(a, b, (size_t)k * sizeof *a) == 0, "op %d: depends on the thread count", op);
                 CHECK_MSG(memcmp(a, c, (size_t)k * sizeof *a) == 0, "op %d: depends on the max batch", op);
-                CHECK_MSG(all_finite(a, k) && max_abs(a + 1, k - 1) > 0.0, "op %d: degenerate", op);
+                CHECK_MSG(kd_test_all_finite(a, k) && kd_test_max_abs(a + 1, k - 1) > 0.0, "op %d: degenerate", op);
             }
             free(a), free(b), free(c);
         }
@@ -610,7 +589,7 @@ static void loss_rows(void) {
             if (pair_build(&q, "mlp: 12", "mlp: 20", "ce") == KD_OK) n_ce = kd_graph_param_count(q.g);
             kd_graph_free(q.g);
             CHECK(kd_graph_param_count(p.g) == n_ce && n_ce > 0);
-            step(p.g, p.L.total, 1);
+            kd_gc_step(p.g, p.L.total, 1);
             const int ss[3] = {2, 6, 12}, ts[3] = {2, 6, 20};
             for (int op = 0; op < 3; op++) {
                 double v = geo_eval(op, ss, ts, 0, p.s.feat->val.data, p.t.feat->val.data, NULL, NULL);
@@ -619,7 +598,7 @@ static void loss_rows(void) {
             }
             CHECK(p.L.terms[2].weight == 2.0f);
             kd_node *w = find(&p, "s.fc1.weight");
-            CHECK(w && max_abs(w->grad.data, kd_numel(&w->val)) > 0);
+            CHECK(w && kd_test_max_abs(w->grad.data, kd_numel(&w->val)) > 0);
         }
         kd_graph_free(p.g);
     }
@@ -627,7 +606,7 @@ static void loss_rows(void) {
         kd_status st = pair_build(&p, "cnn: c3 p f8", "cnn: c6 p f12", "procrustes(s=block1, t=block1) + cka(s=block1)");
         CHECK_MSG(st == KD_OK, "%s", kd_error_message());
         if (st == KD_OK) {
-            step(p.g, p.L.total, 1);
+            kd_gc_step(p.g, p.L.total, 1);
             CHECK(isfinite(p.L.total->val.data[0]) && p.L.terms[0].value->val.data[0] > 0.0f);
             CHECK(p.L.terms[1].value->in[1] == p.t.feat); /* t defaults to feat */
         }
@@ -644,7 +623,7 @@ static void loss_rows(void) {
             kd_node *v = p.L.terms[0].value;
             CHECK(v->op == KD_OP_DCD && v->ip[0] == KD_DCD_CROSS && v->fp[0] == 1.0f && v->fp[1] == 0.0f &&
                   v->fp[2] == 10.0f && v->fp[3] == 1.0f && v->fp[4] == 0.5f);
-            step(p.g, p.L.total, 1);
+            kd_gc_step(p.g, p.L.total, 1);
             if (hw && hb && th && be) {
                 double zs[6 * 20], zt[6 * 20];
                 for (int i = 0; i < 6; i++) {
@@ -659,7 +638,7 @@ static void loss_rows(void) {
                 }
                 CHECK_CLOSE(v->val.data[0], naive_dcd(zs, zt, 6, 20, exp(1.0), 1.0, 0.5), 0, 1e-5);
                 CHECK(th->grad.data[0] != 0.0f && fabs(be->grad.data[0]) < 1e-6);
-                CHECK(max_abs(hw->grad.data, 240) > 0);
+                CHECK(kd_test_max_abs(hw->grad.data, 240) > 0);
             }
         }
         kd_graph_free(p.g);
@@ -672,15 +651,15 @@ static void loss_rows(void) {
             kd_node *ht = find(&p, "proj1.embed_t.weight");
             CHECK(shape_is(ht, 2, (int[]){16, 20}));
             CHECK(p.L.terms[0].value->ip[0] == KD_DCD_TEACHER && p.L.terms[0].value->fp[0] == 2.0f);
-            step(p.g, p.L.total, 1);
-            CHECK(ht && ht->grad.data && max_abs(ht->grad.data, 320) > 0);
+            kd_gc_step(p.g, p.L.total, 1);
+            CHECK(ht && ht->grad.data && kd_test_max_abs(ht->grad.data, 320) > 0);
         }
         kd_graph_free(p.g);
         st = pair_build(&p, "mlp: 20", "mlp: 20", "ce + dcd");
         CHECK_MSG(st == KD_OK, "%s", kd_error_message());
         if (st == KD_OK) {
             CHECK(kd_graph_find(p.g, "proj2.embed_s.weight") == NULL && kd_graph_find(p.g, "proj2.logit_scale"));
-            step(p.g, p.L.total, 1);
+            kd_gc_step(p.g, p.L.total, 1);
             CHECK(isfinite(p.L.total->val.data[0]));
         }
         kd_graph_free(p.g);
@@ -780,7 +759,7 @@ static void cli(void) {
             const kd_st_tensor *x = kd_st_find(&o, "loss");
             if (x) memcpy(&loss, x->data, 4);
             CHECK(isfinite(loss) && loss > 0.0f);
-            CHECK(kd_st_get_f32(&o, "grad.s_feat", g, 2, ss) == KD_OK && max_abs(g, 21) > 0.0);
+            CHECK(kd_st_get_f32(&o, "grad.s_feat", g, 2, ss) == KD_OK && kd_test_max_abs(g, 21) > 0.0);
             kd_st_free(&o);
         }
         /* a loss that needs features, given logits only: exit status 1 */

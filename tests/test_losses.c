@@ -388,12 +388,6 @@ static double ref_loss_at(const lcase *c, const prob *P) {
     return v;
 }
 
-static double max_abs(const float *a, int n) {
-    double m = 0.0;
-    for (int i = 0; i < n; i++) m = fmax(m, fabs(a[i]));
-    return m;
-}
-
 /* Compares loss and gradient with the double reference. Both sides work in
  * double from the same float32 inputs, so the loss differs by the float32
  * rounding of the output (~6e-8 relative) and each gradient element by its
@@ -412,7 +406,7 @@ static void check_ref(const lcase *c, const prob *P, const char *what) {
         for (int i = 0; i < n; i++) want[i] = (float)gd[i];
         char label[160];
         snprintf(label, sizeof label, "%s %s: d loss / d s", c->name, what);
-        CHECK_ARRAYS(label, grad, want, n, 1e-6 * max_abs(want, n) + 1e-9, 1e-5);
+        CHECK_ARRAYS(label, grad, want, n, 1e-6 * kd_test_max_abs(want, n) + 1e-9, 1e-5);
     }
     free(grad);
     free(want);
@@ -527,8 +521,8 @@ static void test_closed_forms(void) {
             float loss = NAN, grad[36];
             if (!lg_run(&CASES[c], &P, &loss, grad)) continue;
             CHECK_MSG(fabs(loss) <= 1e-6, "%s: loss %.3g on identical logits", CASES[c].name, (double)loss);
-            CHECK_MSG(max_abs(grad, 36) <= 1e-6, "%s: |grad| %.3g on identical logits", CASES[c].name,
-                      max_abs(grad, 36));
+            CHECK_MSG(kd_test_max_abs(grad, 36) <= 1e-6, "%s: |grad| %.3g on identical logits", CASES[c].name,
+                      kd_test_max_abs(grad, 36));
         }
         prob_free(&P);
     }
@@ -645,7 +639,7 @@ static void test_closed_forms(void) {
                 /* beta rounded to float32: ~6e-8 relative on the NCKD part */
                 CHECK_CLOSE(lb, la, 1e-7, 1e-6);
                 /* the teacher is detached, so the gradients agree too */
-                CHECK_ARRAYS("dkd vs kd gradient", gb, ga, 9, 1e-6 * max_abs(ga, 9), 1e-5);
+                CHECK_ARRAYS("dkd vs kd gradient", gb, ga, 9, 1e-6 * kd_test_max_abs(ga, 9), 1e-5);
             }
             prob_free(&P);
         }
@@ -760,8 +754,8 @@ static void test_closed_forms(void) {
             if (!uses_mask(&CASES[c])) continue;
             float a = NAN, ga[30];
             if (!lg_run(&CASES[c], &P, &a, ga)) continue;
-            CHECK_MSG(a == 0.0f && max_abs(ga, 30) == 0.0, "%s: no rows kept: loss %g |grad| %g", CASES[c].name,
-                      (double)a, max_abs(ga, 30));
+            CHECK_MSG(a == 0.0f && kd_test_max_abs(ga, 30) == 0.0, "%s: no rows kept: loss %g |grad| %g", CASES[c].name,
+                      (double)a, kd_test_max_abs(ga, 30));
         }
         prob_free(&P);
         prob_free(&Q);
@@ -915,7 +909,7 @@ static void fx_run(const kd_safetensors *st, const fx_case *f) {
                   (double)want_loss);
         char label[96];
         snprintf(label, sizeof label, "%s.grad_s", f->key);
-        CHECK_ARRAYS(label, grad, want, n, 1e-6 * max_abs(want, n) + 1e-9, f->grad_rtol);
+        CHECK_ARRAYS(label, grad, want, n, 1e-6 * kd_test_max_abs(want, n) + 1e-9, f->grad_rtol);
     }
     free(want);
     free(grad);

@@ -47,12 +47,6 @@ static void draw(float *s, float *t, int n, float corr) {
     }
 }
 
-static double max_abs(const float *a, int n) {
-    double m = 0.0;
-    for (int i = 0; i < n; i++) m = fmax(m, fabs(a[i]));
-    return m;
-}
-
 static int verbose(void) { return getenv("KD_GC_VERBOSE") != NULL; }
 
 /* ---------------------------------------------------------------- one-loss graphs
@@ -303,7 +297,7 @@ static int fx_dims(const kd_safetensors *st, const char *c, int *R, int *K) {
 static void fx_compare(const char *c, const char *what, const float *got, const float *want, int n) {
     char label[96];
     snprintf(label, sizeof label, "%s.%s", c, what);
-    CHECK_ARRAYS(label, got, want, n, 1e-6 * max_abs(want, n) + 1e-9, 1e-5);
+    CHECK_ARRAYS(label, got, want, n, 1e-6 * kd_test_max_abs(want, n) + 1e-9, 1e-5);
 }
 
 static void fx_mlkd(const kd_safetensors *st, const char *c) {
@@ -435,14 +429,14 @@ static void test_closed_forms(void) {
             lg_fill(&G, s, s, 0, NULL);
             lg_run(&G);
             CHECK_MSG(fabs(G.loss->val.data[0]) <= 1e-12, "mlkd %.3g", (double)G.loss->val.data[0]);
-            CHECK_MSG(max_abs(G.s->grad.data, 40) <= 1e-12, "mlkd |grad| %.3g", max_abs(G.s->grad.data, 40));
+            CHECK_MSG(kd_test_max_abs(G.s->grad.data, 40) <= 1e-12, "mlkd |grad| %.3g", kd_test_max_abs(G.s->grad.data, 40));
         }
         kd_graph_free(G.g);
         if (lg_build(&G, &L2, 5, 8, 0, 0)) {
             lg_fill(&G, s, s, 0, T);
             lg_run(&G);
             CHECK_MSG(fabs(G.loss->val.data[0]) <= 1e-12, "fkl_tnode %.3g", (double)G.loss->val.data[0]);
-            CHECK_MSG(max_abs(G.s->grad.data, 40) <= 1e-7, "fkl_tnode |grad s| %.3g", max_abs(G.s->grad.data, 40));
+            CHECK_MSG(kd_test_max_abs(G.s->grad.data, 40) <= 1e-7, "fkl_tnode |grad s| %.3g", kd_test_max_abs(G.s->grad.data, 40));
             CHECK_MSG(fabs(G.T->grad.data[0]) <= 1e-7, "fkl_tnode grad T %.3g", (double)G.T->grad.data[0]);
         }
         kd_graph_free(G.g);
@@ -450,7 +444,7 @@ static void test_closed_forms(void) {
         if (lg_build(&G, &L1, 5, 8, 0, 0)) {
             lg_fill(&G, s, t, 0, NULL);
             lg_run(&G);
-            CHECK(G.loss->val.data[0] > 1e-3f && max_abs(G.s->grad.data, 40) > 1e-4);
+            CHECK(G.loss->val.data[0] > 1e-3f && kd_test_max_abs(G.s->grad.data, 40) > 1e-4);
         }
         kd_graph_free(G.g);
     }
@@ -480,7 +474,7 @@ static void test_closed_forms(void) {
             CHECK_CLOSE(b->val.data[0], ref->val.data[0], 0, 1e-6);
             CHECK_ARRAYS("mlkd instance grad", grads[0], grads[2], 42, 1e-7, 1e-5);
             CHECK_ARRAYS("fkl_tnode grad", grads[1], grads[2], 42, 1e-7, 1e-5);
-            CHECK(max_abs(grads[2], 42) > 1e-3);
+            CHECK(kd_test_max_abs(grads[2], 42) > 1e-3);
         } else {
             CHECK_MSG(0, "compile: %s", kd_error_message());
         }
@@ -537,7 +531,7 @@ static void test_closed_forms(void) {
                 CHECK_ARRAYS("kept row", A.s->grad.data + kept[i] * K, B.s->grad.data + i * K, K, 1e-8, 1e-5);
             for (int r = 0; r < R; r++) A.mask->val.data[r] = 0.0f;
             lg_run(&A);
-            CHECK(A.loss->val.data[0] == 0.0f && max_abs(A.s->grad.data, 30) == 0.0);
+            CHECK(A.loss->val.data[0] == 0.0f && kd_test_max_abs(A.s->grad.data, 30) == 0.0);
         }
         kd_graph_free(A.g);
         kd_graph_free(B.g);

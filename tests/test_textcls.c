@@ -42,25 +42,15 @@
 static kd_rng rng;
 static char dir[512];
 
-static kd_node *param(kd_graph *g, const char *name, int ndim, const int *shape) {
-    return kd_param(g, name, ndim, shape, KD_INIT_ZERO, 1);
-}
-
 static void fill_pos(kd_node *n, float lo) {
     for (int64_t i = 0; i < kd_numel(&n->val); i++) n->val.data[i] = lo + fabsf(kd_rng_normal(&rng));
-}
-
-static double max_abs(const float *p, int64_t n) {
-    double m = 0.0;
-    for (int64_t i = 0; i < n; i++) m = fmax(m, fabs(p[i]));
-    return m;
 }
 
 /* ============================================================ 1. gradients */
 
 static double gc_mmean(int B, int T, int C, int zero_row) {
     kd_graph *g = kd_graph_new();
-    kd_node *x = param(g, "x", 3, (int[]){B, T, C}), *m = param(g, "m", 2, (int[]){B, T});
+    kd_node *x = kd_gc_param(g, "x", 3, (int[]){B, T, C}), *m = kd_gc_param(g, "m", 2, (int[]){B, T});
     kd_gc p = kd_gradcheck_project(g, kd_masked_mean(g, x, m));
     double err = INFINITY;
     if (kd_gc_compile(g, B, 3)) {
@@ -70,7 +60,7 @@ static double gc_mmean(int B, int T, int C, int zero_row) {
         kd_gradcheck_randomize(&p, 11 + B);
         kd_node *wrt[2] = {x, m};
         err = kd_gradcheck(g, &p, wrt, zero_row ? 1 : 2, 1e-2, 1);
-        if (zero_row) CHECK(max_abs(x->grad.data + (size_t)(B - 1) * T * C, (int64_t)T * C) == 0.0);
+        if (zero_row) CHECK(kd_test_max_abs(x->grad.data + (size_t)(B - 1) * T * C, (int64_t)T * C) == 0.0);
     }
     kd_graph_free(g);
     return err;
@@ -78,8 +68,8 @@ static double gc_mmean(int B, int T, int C, int zero_row) {
 
 static double gc_bce(int B, int T, int three_d) {
     kd_graph *g = kd_graph_new();
-    kd_node *z = three_d ? param(g, "z", 3, (int[]){B, T, 1}) : param(g, "z", 2, (int[]){B, T});
-    kd_node *y = param(g, "y", 2, (int[]){B, T}), *m = param(g, "m", 2, (int[]){B, T});
+    kd_node *z = three_d ? kd_gc_param(g, "z", 3, (int[]){B, T, 1}) : kd_gc_param(g, "z", 2, (int[]){B, T});
+    kd_node *y = kd_gc_param(g, "y", 2, (int[]){B, T}), *m = kd_gc_param(g, "m", 2, (int[]){B, T});
     kd_gc p = kd_gradcheck_project(g, kd_token_bce(g, z, y, m));
     double err = INFINITY;
     if (kd_gc_compile(g, B, 3)) {
@@ -203,7 +193,7 @@ static void parity(void) {
     if (s != KD_OK) return;
     TEST("masked_mean vs PyTorch: value and gradients of x and the mask (fractional, partly zero)") {
         kd_graph *g = kd_graph_new();
-        kd_node *x = param(g, "x", 3, (int[]){3, 5, 4}), *m = param(g, "m", 2, (int[]){3, 5});
+        kd_node *x = kd_gc_param(g, "x", 3, (int[]){3, 5, 4}), *m = kd_gc_param(g, "m", 2, (int[]){3, 5});
         kd_node *y = kd_masked_mean(g, x, m);
         kd_gc p = kd_gradcheck_project(g, y);
         if (kd_gc_compile(g, 3, 1) && get(&st, "mm.x", x) && get(&st, "mm.m", m)) {
@@ -219,8 +209,8 @@ static void parity(void) {
     }
     TEST("token_bce vs PyTorch: value and gradients of z, targets (hard and soft) and weights") {
         kd_graph *g = kd_graph_new();
-        kd_node *z = param(g, "z", 2, (int[]){3, 6}), *y = param(g, "y", 2, (int[]){3, 6});
-        kd_node *m = param(g, "m", 2, (int[]){3, 6});
+        kd_node *z = kd_gc_param(g, "z", 2, (int[]){3, 6}), *y = kd_gc_param(g, "y", 2, (int[]){3, 6});
+        kd_node *m = kd_gc_param(g, "m", 2, (int[]){3, 6});
         kd_node *l = kd_token_bce(g, z, y, m);
         if (kd_gc_compile(g, 3, 1) && get(&st, "bce.z", z) && get(&st, "bce.y", y) && get(&st, "bce.m", m)) {
             kd_graph_forward(g, 1);
@@ -303,7 +293,7 @@ static void closed_forms(void) {
     }
     TEST("token_bce: value by hand, zero gradient at y = sigmoid(z), zero weights give 0 and no gradient") {
         kd_graph *g = kd_graph_new();
-        kd_node *z = param(g, "z", 2, (int[]){1, 3});
+        kd_node *z = kd_gc_param(g, "z", 2, (int[]){1, 3});
         kd_node *y = kd_input(g, "y", 2, (int[]){1, 3}), *m = kd_input(g, "m", 2, (int[]){1, 3});
         kd_node *l = kd_token_bce(g, z, y, m);
         if (kd_gc_compile(g, 1, 1)) {
@@ -318,7 +308,7 @@ static void closed_forms(void) {
             }
             CHECK_CLOSE(l->val.data[0], want, 1e-6, 1e-5);
             kd_graph_backward(g, l);
-            CHECK(max_abs(z->grad.data, 3) < 1e-7);
+            CHECK(kd_test_max_abs(z->grad.data, 3) < 1e-7);
             y->val.data[0] = 1.0f; /* hard target at z = -30: a loss of 30, no overflow */
             m->val.data[1] = m->val.data[2] = 0.0f;
             kd_graph_forward(g, 1);
@@ -327,7 +317,7 @@ static void closed_forms(void) {
             kd_graph_forward(g, 1);
             CHECK(l->val.data[0] == 0.0f);
             kd_graph_backward(g, l);
-            CHECK(max_abs(z->grad.data, 3) == 0.0);
+            CHECK(kd_test_max_abs(z->grad.data, 3) == 0.0);
         }
         kd_graph_free(g);
     }

@@ -205,18 +205,6 @@ static int tg_run(const tcase *c, const tprob *P, float *loss, float *grad) {
     return ok;
 }
 
-static double max_abs(const float *a, int n) {
-    double m = 0.0;
-    for (int i = 0; i < n; i++) m = fmax(m, fabs(a[i]));
-    return m;
-}
-
-static int all_finite(const float *a, int n) {
-    for (int i = 0; i < n; i++)
-        if (!isfinite(a[i])) return 0;
-    return 1;
-}
-
 /* ============================================================ 1. gradients */
 
 static void test_gradcheck(void) {
@@ -274,8 +262,8 @@ static void check_dense_equal(const tcase *c, const tprob *P, const char *what, 
     kd_graph_backward(G.g, G.loss);
     char label[160];
     snprintf(label, sizeof label, "%s %s: d loss / d s", c->name, what);
-    CHECK_ARRAYS(label, G.s->grad.data, gd, n, atol * fmax(1.0, max_abs(gd, n)), 0);
-    CHECK_MSG(max_abs(gd, n) > 1e-3, "%s %s: vacuous (gradient %.3g)", c->name, what, max_abs(gd, n));
+    CHECK_ARRAYS(label, G.s->grad.data, gd, n, atol * fmax(1.0, kd_test_max_abs(gd, n)), 0);
+    CHECK_MSG(kd_test_max_abs(gd, n) > 1e-3, "%s %s: vacuous (gradient %.3g)", c->name, what, kd_test_max_abs(gd, n));
     free(gd);
     kd_graph_free(G.g);
 }
@@ -450,7 +438,7 @@ static void fx_run(const kd_safetensors *st, const fx_case *f) {
                   (double)want_loss);
         char label[96];
         snprintf(label, sizeof label, "%s.grad_s", f->key);
-        CHECK_ARRAYS(label, grad, want, n, 1e-6 * max_abs(want, n) + 1e-9, 1e-5);
+        CHECK_ARRAYS(label, grad, want, n, 1e-6 * kd_test_max_abs(want, n) + 1e-9, 1e-5);
     }
     free(want);
     free(grad);
@@ -518,8 +506,8 @@ static void test_fp16(void) {
             tc.scale = 1.0f;
             float loss = NAN, grad[10];
             if (!tg_run(&tc, &P, &loss, grad)) continue;
-            CHECK_MSG(isfinite(loss) && all_finite(grad, 10), "%s: loss %g, gradient finite %d", tc.name, (double)loss,
-                      all_finite(grad, 10));
+            CHECK_MSG(isfinite(loss) && kd_test_all_finite(grad, 10), "%s: loss %g, gradient finite %d", tc.name, (double)loss,
+                      kd_test_all_finite(grad, 10));
             for (int w = 0; w < 3; w++)
                 if (tc.kind == wk[w]) CHECK_CLOSE(loss, want[w], 1e-6, 1e-6);
         }
@@ -664,7 +652,7 @@ static void test_contract(void) {
             kd_graph_backward(g, loss);
             float zero[6] = {0};
             CHECK_ARRAYS("t_logp gradient", lq->grad.data, zero, 6, 0, 0);
-            CHECK(max_abs(s->grad.data, 21) > 0.0);
+            CHECK(kd_test_max_abs(s->grad.data, 21) > 0.0);
         }
         kd_graph_free(g);
         tp_free(&P);

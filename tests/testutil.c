@@ -1,5 +1,6 @@
 /* testutil.c - helpers shared by the tests that run the CLI or read whole
  * files (declared in test.h). */
+#include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -44,4 +45,16 @@ char *kd_test_slurp(const char *path, size_t *len) {
     buf[n] = '\0';
     if (len) *len = n;
     return buf;
+}
+
+double kd_test_max_abs(const float *p, long n) {
+    double m = 0.0;
+    for (long i = 0; i < n; i++) m = fmax(m, fabs(p[i]));
+    return m;
+}
+
+int kd_test_all_finite(const float *p, long n) {
+    for (long i = 0; i < n; i++)
+        if (!isfinite(p[i])) return 0;
+    return 1;
 }
