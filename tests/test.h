@@ -58,6 +58,11 @@ extern const char *kd_test_name;
 const char *kd_test_bin(void);
 /* largest |p_i| over n floats; 1 when all n are finite, else 0 */
 double kd_test_max_abs(const float *p, long n);
+/* a JSON file parsed (NULL when unreadable or malformed; cJSON_Delete it),
+ * and root[obj][key] as a number (NaN when absent) */
+struct cJSON;
+struct cJSON *kd_test_read_json(const char *path);
+double kd_test_json_num(const struct cJSON *root, const char *obj, const char *key);
 int kd_test_all_finite(const float *p, long n);
 int kd_test_sh(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 char *kd_test_slurp(const char *path, size_t *len);

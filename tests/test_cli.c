@@ -176,19 +176,6 @@ static char *path_in(char *buf, const char *fmt, ...) {
     return buf;
 }
 
-static cJSON *read_json(const char *path) {
-    char *s = kd_test_slurp(path, NULL);
-    cJSON *j = s ? cJSON_Parse(s) : NULL;
-    free(s);
-    return j;
-}
-
-static double json_num(const cJSON *root, const char *obj, const char *key) {
-    const cJSON *o = cJSON_GetObjectItemCaseSensitive(root, obj);
-    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, key);
-    return cJSON_IsNumber(v) ? v->valuedouble : NAN;
-}
-
 /* ---------- synthetic IDX files ---------- */
 
 static void be32put(uint8_t *p, uint32_t v) {
@@ -585,12 +572,12 @@ static void test_good_path(void) {
     }
     double acc = NAN;
     TEST("cli: summary.json") {
-        cJSON *s = read_json(path_in(p, "runs/good/summary.json"));
+        cJSON *s = kd_test_read_json(path_in(p, "runs/good/summary.json"));
         CHECK(s != NULL);
-        acc = json_num(s, "teacher", "test_acc");
+        acc = kd_test_json_num(s, "teacher", "test_acc");
         CHECK(acc >= 0.0 && acc <= 1.0);
         CHECK(acc > 0.15); /* 256 examples, one epoch: above chance */
-        double params = json_num(s, "teacher", "params");
+        double params = kd_test_json_num(s, "teacher", "params");
         CHECK_CLOSE(params, 784 * 32 + 32 + 32 * 10 + 10, 0, 0);
         const cJSON *t = cJSON_GetObjectItemCaseSensitive(s, "teacher");
         CHECK(cJSON_IsFalse(cJSON_GetObjectItemCaseSensitive(t, "loaded")));
@@ -627,10 +614,10 @@ static void test_good_path(void) {
         cli_res r = cli("run", base_ini, "--run.name=loaded", "--data.test_limit=0", "--train.lr=1e30", opt, NULL);
         CHECK(ok_run(&r));
         res_free(&r);
-        cJSON *s = read_json(path_in(q, "runs/loaded/summary.json"));
+        cJSON *s = kd_test_read_json(path_in(q, "runs/loaded/summary.json"));
         const cJSON *t = cJSON_GetObjectItemCaseSensitive(s, "teacher");
         CHECK(cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(t, "loaded")));
-        CHECK_CLOSE(json_num(s, "teacher", "test_acc"), acc, 1e-12, 0);
+        CHECK_CLOSE(kd_test_json_num(s, "teacher", "test_acc"), acc, 1e-12, 0);
         cJSON_Delete(s);
         CHECK(same_bytes(p, good_ckpt));
         CHECK(file_exists(path_in(q, "runs/loaded/teacher.safetensors")));

@@ -255,19 +255,6 @@ static int error_names(const res *r, const char *const *needles) {
 }
 #define ERROR_NAMES(r, ...) CHECK(error_names(&(r), (const char *const[]){__VA_ARGS__, NULL}))
 
-static cJSON *read_json(const char *path) {
-    char *s = kd_test_slurp(path, NULL);
-    cJSON *j = s ? cJSON_Parse(s) : NULL;
-    free(s);
-    return j;
-}
-
-static double json_num(const cJSON *root, const char *obj, const char *key) {
-    const cJSON *o = cJSON_GetObjectItemCaseSensitive(root, obj);
-    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, key);
-    return cJSON_IsNumber(v) ? v->valuedouble : NAN;
-}
-
 /* ---------------------------------------------------------------- library level */
 
 /* A tiny dataset in memory: n 1x4x4 images. */
@@ -422,12 +409,12 @@ static int a_lines, a_teacher_lines;
 
 static int summaries_equal(const char *run_name) {
     char p[512];
-    cJSON *a = read_json(a_summary), *b = read_json(run_file(p, run_name, "summary.json"));
+    cJSON *a = kd_test_read_json(a_summary), *b = kd_test_read_json(run_file(p, run_name, "summary.json"));
     int ok = a && b;
     const char *roles[] = {"teacher", "baseline", "student"};
     for (int i = 0; i < 3 && ok; i++) {
-        double x = json_num(a, roles[i], "test_acc"), y = json_num(b, roles[i], "test_acc");
-        double xl = json_num(a, roles[i], "test_loss"), yl = json_num(b, roles[i], "test_loss");
+        double x = kd_test_json_num(a, roles[i], "test_acc"), y = kd_test_json_num(b, roles[i], "test_acc");
+        double xl = kd_test_json_num(a, roles[i], "test_loss"), yl = kd_test_json_num(b, roles[i], "test_loss");
         if (!(x == y && xl == yl)) {
             fprintf(stderr, "  %s: test acc %.17g vs %.17g, loss %.17g vs %.17g\n", roles[i], x, y, xl, yl);
             ok = 0;

@@ -6,6 +6,8 @@
 #include <stdlib.h>
 #include <sys/wait.h>
 
+#include <cjson/cJSON.h>
+
 #include "test.h"
 
 const char *kd_test_bin(void) {
@@ -57,4 +59,17 @@ int kd_test_all_finite(const float *p, long n) {
     for (long i = 0; i < n; i++)
         if (!isfinite(p[i])) return 0;
     return 1;
+}
+
+cJSON *kd_test_read_json(const char *path) {
+    char *s = kd_test_slurp(path, NULL);
+    cJSON *j = s ? cJSON_Parse(s) : NULL;
+    free(s);
+    return j;
+}
+
+double kd_test_json_num(const cJSON *root, const char *obj, const char *key) {
+    const cJSON *o = cJSON_GetObjectItemCaseSensitive(root, obj);
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, key);
+    return cJSON_IsNumber(v) ? v->valuedouble : NAN;
 }
