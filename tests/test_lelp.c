@@ -33,6 +33,8 @@
 #include "kd_distill.h"
 #include "kd_io.h"
 #include "kd_lelp.h"
+#include <cjson/cJSON.h>
+
 #include "test.h"
 
 #define GC_TOL 1e-3
@@ -518,11 +520,6 @@ static void graph_tests(void) {
 
 /* ============================================================ 8. distill run */
 
-static int sh(const char *cmd) {
-    int r = system(cmd);
-    return WIFEXITED(r) ? WEXITSTATUS(r) : -1;
-}
-
 static void groups_metadata(void) {
     TEST("checkpoint metadata 'groups' must split 'classes' into >= 2 classes") {
         const char *cases[][3] = {{"6", "3", ""}, {"6", "4", "does not divide"}, {"6", "6", "does not divide"},
@@ -565,7 +562,7 @@ static void cli_tests(void) {
                  "%s run examples/fashion_kd.ini %s --run.out=%s --run.name=ok --teacher.checkpoint= --distill.lelp=3 "
                  "--distill.loss='ce(weight=0.5) + kd(T=1, weight=0.5)' > %s/ok.out 2> %s/ok.err",
                  bin, common, dir, dir, dir);
-        CHECK_MSG(sh(cmd) == 0, "%s", cmd);
+        CHECK_MSG(kd_test_sh("%s", cmd) == 0, "%s", cmd);
         snprintf(path, sizeof path, "%s/ok/student.safetensors", dir);
         kd_safetensors st;
         if (kd_st_read(path, &st) == KD_OK) {
@@ -578,23 +575,16 @@ static void cli_tests(void) {
             CHECK_MSG(0, "%s", kd_error_message());
         }
         snprintf(path, sizeof path, "%s/ok/summary.json", dir);
-        FILE *f = fopen(path, "r");
-        char buf[4096] = "";
-        if (f) {
-            size_t n = fread(buf, 1, sizeof buf - 1, f);
-            buf[n] = '\0';
-            fclose(f);
-        }
-        char *acc = strstr(buf, "\"student\"");
-        acc = acc ? strstr(acc, "\"test_acc\":") : NULL;
-        double a = acc ? atof(acc + 11) : -1;
+        cJSON *summary = kd_test_read_json(path);
+        double a = kd_test_json_num(summary, "student", "test_acc");
+        cJSON_Delete(summary);
         CHECK_MSG(a > 0.5 && a <= 1.0, "student test_acc %g (binary task)", a);
         /* distill eval sums each class's subclasses (metadata groups = 3) and
          * reproduces the run's own test accuracy on the same 200 images */
         snprintf(cmd, sizeof cmd,
                  "%s eval %s/ok/student.safetensors --limit 200 --label-map '0 0 0 0 0 1 1 1 1 1' > %s/eval.out 2>&1", bin,
                  dir, dir);
-        CHECK_MSG(sh(cmd) == 0, "%s", cmd);
+        CHECK_MSG(kd_test_sh("%s", cmd) == 0, "%s", cmd);
         snprintf(path, sizeof path, "%s/eval.out", dir);
         char *ev = kd_test_slurp(path, NULL), *pa = ev ? strstr(ev, "accuracy ") : NULL;
         double ea = pa ? atof(pa + 9) / 100.0 : -1;
@@ -613,16 +603,12 @@ static void cli_tests(void) {
                      "%s run examples/fashion_kd.ini %s --run.out=%s --run.name=bad%zu --teacher.checkpoint=%s/ok/teacher.safetensors %s "
                      "> /dev/null 2> %s/bad.err",
                      bin, common, dir, i, dir, bad[i].args, dir);
-            int code = sh(cmd);
+            int code = kd_test_sh("%s", cmd);
             snprintf(path, sizeof path, "%s/bad.err", dir);
-            f = fopen(path, "r");
-            buf[0] = '\0';
-            if (f) {
-                size_t n = fread(buf, 1, sizeof buf - 1, f);
-                buf[n] = '\0';
-                fclose(f);
-            }
-            CHECK_MSG(code == 1 && strstr(buf, bad[i].needle), "%s: exit %d, stderr: %s", bad[i].args, code, buf);
+            char *err = kd_test_slurp(path, NULL);
+            CHECK_MSG(code == 1 && err && strstr(err, bad[i].needle), "%s: exit %d, stderr: %s", bad[i].args, code,
+                      err ? err : "(none)");
+            free(err);
         }
     }
 }
