@@ -249,6 +249,8 @@ static void test_load_file(void) {
 static void test_errors(void) {
     TEST("unknown section with keys") {
         expect_load_error("[train]\nlr = 0.1\n[bogus]\nx = 1\n", KD_ECONFIG, "cfg.ini:3:", "[bogus]", NULL);
+        /* the list of known sections comes from the schema: every section of all_keys is named */
+        expect_load_error("[bogus]\n", KD_ECONFIG, "known: run, data, teacher", "lm, multitask, textcls", NULL);
     }
     TEST("unknown empty section") {
         expect_load_error("[run]\nseed = 1\n\n[empty]\n", KD_ECONFIG, "cfg.ini:4:", "[empty]", NULL);
@@ -543,12 +545,19 @@ static void test_write(void) {
         if (!f) break;
         kd_config_print_schema(f);
         rewind(f);
-        static char buf[16384];
+        static char buf[65536];
         size_t n = fread(buf, 1, sizeof buf - 1, f);
         buf[n] = '\0';
         fclose(f);
         for (int i = 0; i < N_KEYS; i++) CHECK_MSG(strstr(buf, all_keys[i].key) != NULL, "%s", all_keys[i].key);
         CHECK(strstr(buf, "[teacher]") != NULL);
+        /* each section is listed once, with all its keys, whatever the schema's order */
+        for (int i = 0; i < N_KEYS; i++) {
+            char hdr[80];
+            snprintf(hdr, sizeof hdr, "  [%s]\n", all_keys[i].section);
+            char *first = strstr(buf, hdr);
+            CHECK_MSG(first && !strstr(first + 1, hdr), "section header %s missing or repeated", hdr);
+        }
     }
 }
 

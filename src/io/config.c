@@ -156,6 +156,26 @@ static int section_known(const char *section) {
     return 0;
 }
 
+/* index of the first schema entry of i's section: a section's first
+ * appearance, so lists and help follow the schema's order of sections */
+static int section_first(int i) {
+    for (int j = 0; j < i; j++)
+        if (strcmp(schema[j].section, schema[i].section) == 0) return j;
+    return i;
+}
+
+/* "run, data, ..." from the schema */
+static const char *known_sections(void) {
+    static char buf[512];
+    if (!buf[0]) {
+        size_t n = 0;
+        for (int i = 0; i < N_SCHEMA; i++)
+            if (section_first(i) == i)
+                n += (size_t)snprintf(buf + n, sizeof buf - n, "%s%s", n ? ", " : "", schema[i].section);
+    }
+    return buf;
+}
+
 kd_config *kd_config_new(void) {
     kd_config *c = kd_calloc(1, sizeof *c);
     for (int i = 0; i < N_SCHEMA; i++) {
@@ -213,7 +233,7 @@ kd_status kd_config_set(kd_config *c, const char *section, const char *key, cons
     char w[300];
     where(w, sizeof w, origin, line);
     if (!section_known(section))
-        return kd_errorf(KD_ECONFIG, "%s: unknown section [%s] (known: run, data, teacher, student, assistant, distill, train)", w, section);
+        return kd_errorf(KD_ECONFIG, "%s: unknown section [%s] (known: %s)", w, section, known_sections());
     int i = find(section, key);
     if (i < 0) return kd_errorf(KD_ECONFIG, "%s: unknown key '%s' in section [%s]", w, key, section);
     for (const char *q = value_text; *q; q++)
@@ -333,8 +353,8 @@ static kd_status check_sections(const char *text, const char *origin) {
                 memcpy(sec, p + 1, n);
                 sec[n] = '\0';
                 if (!section_known(sec))
-                    return kd_errorf(KD_ECONFIG, "%s:%d: unknown section [%s] (known: run, data, teacher, student, assistant, distill, train)",
-                                     origin, line, sec);
+                    return kd_errorf(KD_ECONFIG, "%s:%d: unknown section [%s] (known: %s)", origin, line, sec,
+                                     known_sections());
             }
         }
         const char *nl = strchr(p, '\n');
@@ -499,17 +519,18 @@ kd_status kd_config_write(const kd_config *c, const char *path) {
 }
 
 void kd_config_print_schema(FILE *f) {
-    const char *sec = "";
-    for (int i = 0; i < N_SCHEMA; i++) {
-        if (strcmp(sec, schema[i].section) != 0) {
-            sec = schema[i].section;
-            fprintf(f, "  [%s]\n", sec);
-        }
-        fprintf(f, "    %-14s %-8s %s (default: %s)\n", schema[i].key,
+    /* each section once, at its first appearance, with all its keys */
+    for (int s = 0; s < N_SCHEMA; s++) {
+        if (section_first(s) != s) continue;
+        fprintf(f, "  [%s]\n", schema[s].section);
+        for (int i = s; i < N_SCHEMA; i++) {
+            if (strcmp(schema[i].section, schema[s].section) != 0) continue;
+            fprintf(f, "    %-14s %-8s %s (default: %s)\n", schema[i].key,
                 schema[i].type == T_INT     ? "int"
                 : schema[i].type == T_FLOAT ? "number"
                 : schema[i].type == T_BOOL  ? "0|1"
                                             : "string",
-                schema[i].help, *schema[i].def ? schema[i].def : "none");
+                    schema[i].help, *schema[i].def ? schema[i].def : "none");
+        }
     }
 }
