@@ -180,11 +180,6 @@ static kd_status load_data(const kd_config *c, kd_dataset *train, kd_dataset *te
     return KD_OK;
 }
 
-static int file_exists(const char *p) {
-    struct stat sb;
-    return stat(p, &sb) == 0 && S_ISREG(sb.st_mode);
-}
-
 static int fail(kd_status st) {
     kd_log l = {.json = g_json};
     kd_log_error(&l, kd_error_message());
@@ -221,7 +216,7 @@ static kd_status stage_begin(run_ctx *rc, const char *role, const char *state_na
     rc->state_resume = 0;
     if (state_name) {
         snprintf(rc->state_path, sizeof rc->state_path, "%s/%s.state.safetensors", rc->dir, state_name);
-        rc->state_resume = rc->resuming && file_exists(rc->state_path);
+        rc->state_resume = rc->resuming && run_file_exists(rc->state_path);
     }
     return rc->state_resume ? KD_OK : progress_cut(&rc->prog, rc->log->metrics);
 }
@@ -288,7 +283,7 @@ static kd_status run_teacher(const kd_config *cfg, const kd_train_opts *base, co
     out->ran = 1;
     kd_log_info(log, "teacher %s, %lld params", spec, (long long)out->params);
     /* a teacher resumed from its state was being trained here, even if it was saved to ckpt since */
-    if (*ckpt && file_exists(ckpt) && !rc->state_resume) {
+    if (*ckpt && run_file_exists(ckpt) && !rc->state_resume) {
         /* a relative names = @FILE is found next to the config that set it */
         const char *names = kd_config_str(cfg, "teacher", "names"), *origin = kd_config_origin(cfg, "teacher", "names");
         char dir_of[4096] = "";
@@ -792,7 +787,7 @@ int cmd_run(int argc, char **argv) {
     } else if (st == KD_OK && !mutual) {
         /* with a cache the teacher is only evaluated, from its checkpoint if there is one */
         const char *tck = kd_config_str(cfg, "teacher", "checkpoint");
-        if (!cached || (*tck && file_exists(tck))) {
+        if (!cached || (*tck && run_file_exists(tck))) {
             int skip;
             st = stage_begin(&rc, "teacher", "teacher", &stages[ns], &skip);
             if (st == KD_OK && !skip) st = run_teacher(cfg, &to, &train, &test, &rc, &stages[ns]);

@@ -42,37 +42,6 @@ typedef struct lm_run {
     const char *lora_base; /* [lm] lora_base: the LoRA student's base weights */
 } lm_run;
 
-static int exists(const char *p) {
-    struct stat sb;
-    return stat(p, &sb) == 0 && S_ISREG(sb.st_mode);
-}
-
-static kd_status copy_file(const char *from, const char *to) {
-    if (strcmp(from, to) == 0) return KD_OK;
-    FILE *a = fopen(from, "rb");
-    if (!a) return kd_errorf(KD_EIO, "%s: cannot read: %s", from, strerror(errno));
-    char tmp[4400];
-    snprintf(tmp, sizeof tmp, "%.4200s.tmp.%d", to, (int)getpid());
-    FILE *b = fopen(tmp, "wb");
-    if (!b) {
-        fclose(a);
-        return kd_errorf(KD_EIO, "%s: cannot write: %s", tmp, strerror(errno));
-    }
-    char buf[1 << 16];
-    size_t n;
-    int bad = 0;
-    while ((n = fread(buf, 1, sizeof buf, a)) > 0) bad |= fwrite(buf, 1, n, b) != n;
-    bad |= ferror(a);
-    fclose(a);
-    bad |= fflush(b) != 0 || fsync(fileno(b)) != 0;
-    bad |= fclose(b) != 0;
-    if (bad || rename(tmp, to) != 0) {
-        remove(tmp);
-        return kd_errorf(KD_EIO, "%s: copy to %s failed", from, to);
-    }
-    return KD_OK;
-}
-
 /* [train] and [lm] keys into training options */
 static kd_status lm_opts(const kd_config *c, kd_lm_train_opts *o) {
     memset(o, 0, sizeof *o);
@@ -327,9 +296,9 @@ int cli_run_lm(const kd_config *cfg, const char *dir, int threads, kd_log *log) 
     /* the teacher */
     lm_stage *ts = &stages[ns++];
     snprintf(ts->role, sizeof ts->role, "teacher");
-    if (*tck && exists(tck)) {
+    if (*tck && run_file_exists(tck)) {
         st = eval_teacher(&r, tspec, tck, ts);
-        if (st == KD_OK) st = copy_file(tck, tpath);
+        if (st == KD_OK) st = run_copy_file(tck, tpath);
     } else if (!cached) {
         kd_lm_setup s = {.student = tspec, .vocab = r.data.vocab, .seq = r.seq, .max_batch = r.batch};
         kd_lm_train_opts o = r.base;
@@ -348,14 +317,14 @@ int cli_run_lm(const kd_config *cfg, const char *dir, int threads, kd_log *log) 
                 *slash = '\0';
                 st = cli_mkdirs(tdir);
             }
-            if (st == KD_OK) st = copy_file(tpath, tck);
+            if (st == KD_OK) st = run_copy_file(tpath, tck);
         }
     } else {
         ns--; /* cached and no teacher checkpoint: nothing to report */
     }
     double seqkd_seconds = 0.0;
     if (st == KD_OK && *sspec) {
-        const char *tfile = *tck && exists(tck) ? tck : tpath;
+        const char *tfile = *tck && run_file_exists(tck) ? tck : tpath;
         if (kd_config_int(cfg, "distill", "baseline")) {
             lm_stage *bs = &stages[ns++];
             snprintf(bs->role, sizeof bs->role, "baseline");

@@ -39,11 +39,6 @@ static kd_status task_view(const kd_dataset *ds, const kd_mt_task *t, kd_dataset
     return KD_OK;
 }
 
-static int exists(const char *p) {
-    struct stat sb;
-    return stat(p, &sb) == 0 && S_ISREG(sb.st_mode);
-}
-
 typedef struct teacher_out {
     char model[256];
     kd_eval_result test;
@@ -65,7 +60,7 @@ static kd_status task_teacher(const kd_config *cfg, const kd_train_opts *base, c
         return st;
     }
     if (te.n_classes > tr.n_classes) te.n_classes = tr.n_classes;
-    int load = exists(path);
+    int load = run_file_exists(path);
     if (load) {
         kd_checkpoint_info info;
         st = kd_checkpoint_info_read(path, &info);

@@ -28,6 +28,37 @@
 
 #define PROGRESS_FORMAT "distill-progress/1"
 
+int run_file_exists(const char *p) {
+    struct stat sb;
+    return stat(p, &sb) == 0 && S_ISREG(sb.st_mode);
+}
+
+kd_status run_copy_file(const char *from, const char *to) {
+    if (strcmp(from, to) == 0) return KD_OK;
+    FILE *a = fopen(from, "rb");
+    if (!a) return kd_errorf(KD_EIO, "%s: cannot read: %s", from, strerror(errno));
+    char tmp[4400];
+    snprintf(tmp, sizeof tmp, "%.4200s.tmp.%d", to, (int)getpid());
+    FILE *b = fopen(tmp, "wb");
+    if (!b) {
+        fclose(a);
+        return kd_errorf(KD_EIO, "%s: cannot write: %s", tmp, strerror(errno));
+    }
+    char buf[1 << 16];
+    size_t n;
+    int bad = 0;
+    while ((n = fread(buf, 1, sizeof buf, a)) > 0) bad |= fwrite(buf, 1, n, b) != n;
+    bad |= ferror(a);
+    fclose(a);
+    bad |= fflush(b) != 0 || fsync(fileno(b)) != 0;
+    bad |= fclose(b) != 0;
+    if (bad || rename(tmp, to) != 0) {
+        remove(tmp);
+        return kd_errorf(KD_EIO, "%s: copy to %s failed", from, to);
+    }
+    return KD_OK;
+}
+
 kd_status run_write_json(const char *path, const cJSON *root) {
     char *txt = cJSON_Print(root);
     KD_ASSERT(txt, "cJSON_Print failed");

@@ -48,5 +48,9 @@ int run_interrupted(const kd_log *log, int sig, int argc, char **argv);
 /* PATH.tmp.PID, fsync, rename: a reader sees the old file or the new one. */
 /* root printed as JSON plus a newline, written atomically to path */
 kd_status run_write_json(const char *path, const cJSON *root);
+/* a regular file at p */
+int run_file_exists(const char *p);
+/* copies from to to atomically (temp file, fsync, rename); from == to: nothing */
+kd_status run_copy_file(const char *from, const char *to);
 
 #endif

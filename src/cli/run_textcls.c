@@ -28,11 +28,6 @@ typedef struct tc_stage {
     kd_textcls_result r;
 } tc_stage;
 
-static int exists(const char *p) {
-    struct stat sb;
-    return stat(p, &sb) == 0 && S_ISREG(sb.st_mode);
-}
-
 /* [train] and [textcls] keys into training options */
 static kd_status tc_opts(const kd_config *c, kd_textcls_opts *o) {
     memset(o, 0, sizeof *o);
@@ -181,20 +176,6 @@ static kd_status write_summary(const char *dir, const tc_stage *st, int n, const
     return s;
 }
 
-static kd_status copy_file(const char *from, const char *to) {
-    FILE *a = fopen(from, "rb");
-    if (!a) return kd_errorf(KD_EIO, "%s: cannot read: %s", from, strerror(errno));
-    size_t cap = 1 << 20, n = 0, r;
-    char *buf = kd_malloc(cap);
-    while ((r = fread(buf + n, 1, cap - n, a)) > 0)
-        if ((n += r) == cap) buf = kd_realloc(buf, cap *= 2);
-    int bad = ferror(a);
-    fclose(a);
-    kd_status st = bad ? kd_errorf(KD_EIO, "%s: read error", from) : kd_write_atomic(to, buf, n);
-    free(buf);
-    return st;
-}
-
 int cli_run_textcls(const kd_config *cfg, const char *dir, int threads, kd_log *log) {
     kd_textcls_data d;
     memset(&d, 0, sizeof d);
@@ -244,7 +225,7 @@ int cli_run_textcls(const kd_config *cfg, const char *dir, int threads, kd_log *
     kd_textcls_net tn;
     memset(&tn, 0, sizeof tn);
     st = kd_textcls_net_new(&tn, &ts, base.seed + 't');
-    if (st == KD_OK && *tck && exists(tck)) {
+    if (st == KD_OK && *tck && run_file_exists(tck)) {
         st = kd_textcls_load_weights(&tn, tck);
         if (st == KD_OK) {
             tst->ran = tst->loaded = 1;
@@ -274,7 +255,7 @@ int cli_run_textcls(const kd_config *cfg, const char *dir, int threads, kd_log *
                 *slash = '\0';
                 st = cli_mkdirs(tdir);
             }
-            if (st == KD_OK) st = copy_file(tpath, tck);
+            if (st == KD_OK) st = run_copy_file(tpath, tck);
         }
         if (st == KD_OK) st = kd_textcls_net_new(&tn, &ts, 0);
         if (st == KD_OK) st = kd_textcls_load_weights(&tn, tpath);
