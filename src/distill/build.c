@@ -80,12 +80,11 @@ kd_status kd_lneed_teacher(kd_lctx *c) {
     return KD_OK;
 }
 
-static const kd_loss_def *def_of(const char *name);
 
 /* ---- logit losses */
 
 static kd_status b_ce(kd_lctx *c, kd_node **out) {
-    const kd_loss_def *d = def_of("ce");
+    const kd_loss_def *d = kd_loss_def_of("ce");
     float eps;
     kd_status st = kd_lneed_labels(c);
     if (st == KD_OK) st = kd_larg_float(c, d, "smoothing", 0, 0.999, &eps);
@@ -96,7 +95,7 @@ static kd_status b_ce(kd_lctx *c, kd_node **out) {
 
 static kd_status divergence(kd_lctx *c, const char *name, kd_div_kind kind, const char *param_key, int t2,
                             kd_node **out) {
-    const kd_loss_def *d = def_of(name);
+    const kd_loss_def *d = kd_loss_def_of(name);
     float T = 1.0f, p = 0.0f;
     kd_status st = kd_lneed_teacher(c);
     if (st == KD_OK) st = kd_larg_float(c, d, "T", 1e-3, 1e3, &T);
@@ -124,7 +123,7 @@ DIV_BUILDER(b_skl, "skl", KD_DIV_SKL, "alpha", 0)
 DIV_BUILDER(b_srkl, "srkl", KD_DIV_SRKL, "alpha", 0)
 
 static kd_status b_dkd(kd_lctx *c, kd_node **out) {
-    const kd_loss_def *d = def_of("dkd");
+    const kd_loss_def *d = kd_loss_def_of("dkd");
     float a, b, T, w;
     kd_status st = kd_lneed_teacher(c);
     if (st == KD_OK) st = kd_lneed_labels(c);
@@ -143,7 +142,7 @@ static kd_status b_dkd(kd_lctx *c, kd_node **out) {
 }
 
 static kd_status b_dist(kd_lctx *c, kd_node **out) {
-    const kd_loss_def *d = def_of("dist");
+    const kd_loss_def *d = kd_loss_def_of("dist");
     float b, gm, tau;
     kd_status st = kd_lneed_teacher(c);
     if (st == KD_OK) st = kd_larg_float(c, d, "beta", 0, 1e4, &b);
@@ -154,7 +153,7 @@ static kd_status b_dist(kd_lctx *c, kd_node **out) {
 }
 
 static kd_status b_nkd(kd_lctx *c, kd_node **out) {
-    const kd_loss_def *d = def_of("nkd");
+    const kd_loss_def *d = kd_loss_def_of("nkd");
     float T, gm;
     kd_status st = kd_lneed_teacher(c);
     if (st == KD_OK) st = kd_lneed_labels(c);
@@ -274,7 +273,7 @@ kd_status kd_ltaps(kd_lctx *c, const kd_loss_def *d, kd_node **fs, kd_node **ft)
 }
 
 static kd_status b_fitnet(kd_lctx *c, kd_node **out) {
-    const kd_loss_def *d = def_of("fitnet");
+    const kd_loss_def *d = kd_loss_def_of("fitnet");
     kd_node *fs, *ft, *y;
     kd_status st = kd_ltaps(c, d, &fs, &ft);
     if (st == KD_OK) st = kd_lproject_ensemble(c, d, fs, ft, &y);
@@ -283,7 +282,7 @@ static kd_status b_fitnet(kd_lctx *c, kd_node **out) {
 }
 
 static kd_status b_at(kd_lctx *c, kd_node **out) {
-    const kd_loss_def *d = def_of("at");
+    const kd_loss_def *d = kd_loss_def_of("at");
     kd_node *fs, *ft;
     float p;
     kd_status st = kd_ltaps(c, d, &fs, &ft);
@@ -298,13 +297,13 @@ static kd_status b_at(kd_lctx *c, kd_node **out) {
 
 static kd_status b_sp(kd_lctx *c, kd_node **out) {
     kd_node *fs, *ft;
-    kd_status st = kd_ltaps(c, def_of("sp"), &fs, &ft);
+    kd_status st = kd_ltaps(c, kd_loss_def_of("sp"), &fs, &ft);
     if (st == KD_OK) *out = kd_sp(c->g, fs, ft);
     return st;
 }
 
 static kd_status b_rkd(kd_lctx *c, kd_node **out) {
-    const kd_loss_def *d = def_of("rkd");
+    const kd_loss_def *d = kd_loss_def_of("rkd");
     kd_node *fs, *ft;
     float wd, wa;
     kd_status st = kd_ltaps(c, d, &fs, &ft);
@@ -316,7 +315,7 @@ static kd_status b_rkd(kd_lctx *c, kd_node **out) {
 
 static kd_status b_pkt(kd_lctx *c, kd_node **out) {
     kd_node *fs, *ft;
-    kd_status st = kd_ltaps(c, def_of("pkt"), &fs, &ft);
+    kd_status st = kd_ltaps(c, kd_loss_def_of("pkt"), &fs, &ft);
     if (st == KD_OK) *out = kd_pkt(c->g, fs, ft);
     return st;
 }
@@ -353,11 +352,22 @@ const kd_loss_def *kd_loss_def_find(const char *name) {
     return NULL;
 }
 
-static const kd_loss_def *def_of(const char *name) {
+const kd_loss_def *kd_loss_def_of(const char *name) {
     const kd_loss_def *d = kd_loss_def_find(name);
     KD_ASSERT(d, "loss %s missing from the tables", name);
     return d;
 }
+
+kd_status kd_larg_int(kd_lctx *c, const kd_loss_def *d, const char *key, int lo, int hi, int *out) {
+    float v;
+    kd_status st = kd_larg_float(c, d, key, lo, hi, &v);
+    if (st != KD_OK) return st;
+    if (v != floorf(v)) return kd_errorf(KD_ECONFIG, "loss '%s': %s=%g is not an integer", c->term->name, key, v);
+    *out = (int)v;
+    return KD_OK;
+}
+
+kd_node *kd_lflat2(kd_graph *g, kd_node *x) { return x->val.ndim == 2 ? x : kd_flatten(g, x); }
 
 static int key_allowed(const kd_loss_def *d, const char *key) {
     char buf[64];

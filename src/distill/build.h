@@ -52,6 +52,12 @@ const char *kd_larg_default(const char *args, const char *key, char *buf, size_t
  * the returned buffer is reused by the next call: copy it if you keep it */
 const char *kd_larg_str(kd_lctx *c, const kd_loss_def *d, const char *key);
 kd_status kd_larg_float(kd_lctx *c, const kd_loss_def *d, const char *key, double lo, double hi, float *out);
+/* an integer argument in [lo, hi] (a non-integer value is an error) */
+kd_status kd_larg_int(kd_lctx *c, const kd_loss_def *d, const char *key, int lo, int hi, int *out);
+/* the table row of a loss the builders know (asserts it exists) */
+const kd_loss_def *kd_loss_def_of(const char *name);
+/* x as (N, D): flattened unless already 2-D */
+kd_node *kd_lflat2(kd_graph *g, kd_node *x);
 kd_status kd_lneed_labels(kd_lctx *c);
 kd_status kd_lneed_teacher(kd_lctx *c);
 /* the student and teacher taps named by the row's s= and t= arguments */

@@ -17,24 +17,6 @@
 
 #include "distill/build.h"
 
-static const kd_loss_def *def_of(const char *name) {
-    const kd_loss_def *d = kd_loss_def_find(name);
-    KD_ASSERT(d, "loss %s missing from the tables", name);
-    return d;
-}
-
-/* an integer argument in [lo, hi] */
-static kd_status larg_int(kd_lctx *c, const kd_loss_def *d, const char *key, int lo, int hi, int *out) {
-    float v;
-    kd_status st = kd_larg_float(c, d, key, lo, hi, &v);
-    if (st != KD_OK) return st;
-    if (v != floorf(v)) return kd_errorf(KD_ECONFIG, "loss '%s': %s=%g is not an integer", c->term->name, key, v);
-    *out = (int)v;
-    return KD_OK;
-}
-
-static kd_node *flat2(kd_graph *g, kd_node *x) { return x->val.ndim == 2 ? x : kd_flatten(g, x); }
-
 /* "<proj_prefix>proj<index>", the stem of this term's parameter names (as kd_lproject) */
 static const char *proj_base(const kd_lctx *c, char *buf, size_t n) {
     snprintf(buf, n, "%sproj%d", c->in->proj_prefix ? c->in->proj_prefix : "", c->index);
@@ -45,7 +27,7 @@ static const char *proj_base(const kd_lctx *c, char *buf, size_t n) {
 
 kd_status kd_lproject_ensemble(kd_lctx *c, const kd_loss_def *d, kd_node *fs, kd_node *ft, kd_node **out) {
     int M;
-    kd_status st = larg_int(c, d, "proj_ensemble", 1, 16, &M);
+    kd_status st = kd_larg_int(c, d, "proj_ensemble", 1, 16, &M);
     if (st != KD_OK) return st;
     if (M == 1) return kd_lproject(c, d, fs, ft, out);
     char base[48];
@@ -88,12 +70,12 @@ static kd_node *linear_nobias(kd_graph *g, const char *p, kd_node *x, int out) {
 }
 
 static kd_status b_vid(kd_lctx *c, kd_node **out) {
-    const kd_loss_def *d = def_of("vid");
+    const kd_loss_def *d = kd_loss_def_of("vid");
     kd_node *fs, *ft;
     float init_var, eps;
     int mid;
     kd_status st = kd_ltaps(c, d, &fs, &ft);
-    if (st == KD_OK) st = larg_int(c, d, "mid", 0, 1 << 16, &mid);
+    if (st == KD_OK) st = kd_larg_int(c, d, "mid", 0, 1 << 16, &mid);
     if (st == KD_OK) st = kd_larg_float(c, d, "init_var", 1e-4, 1e4, &init_var);
     if (st == KD_OK) st = kd_larg_float(c, d, "eps", 0, 1, &eps);
     if (st != KD_OK) return st;
@@ -113,7 +95,7 @@ static kd_status b_vid(kd_lctx *c, kd_node **out) {
     char p[48], q[80];
     proj_base(c, p, sizeof p);
     /* mu = W4 relu(W2 relu(W0 f_s)): 1x1 convs on maps, linear maps on vectors, no biases */
-    kd_node *x = four ? fs : flat2(c->g, fs);
+    kd_node *x = four ? fs : kd_lflat2(c->g, fs);
     const int widths[3] = {H, H, C};
     for (int l = 0; l < 3; l++) {
         snprintf(q, sizeof q, "%s.%d", p, 2 * l);
@@ -132,17 +114,17 @@ static kd_status b_vid(kd_lctx *c, kd_node **out) {
 /* ---- crd */
 
 static kd_status b_crd(kd_lctx *c, kd_node **out) {
-    const kd_loss_def *d = def_of("crd");
+    const kd_loss_def *d = kd_loss_def_of("crd");
     kd_node *fs, *ft;
     int dim, inbatch, K, n_data;
     float T, mom;
     kd_status st = kd_ltaps(c, d, &fs, &ft);
-    if (st == KD_OK) st = larg_int(c, d, "dim", 1, 1 << 16, &dim);
-    if (st == KD_OK) st = larg_int(c, d, "inbatch", 0, 1, &inbatch);
+    if (st == KD_OK) st = kd_larg_int(c, d, "dim", 1, 1 << 16, &dim);
+    if (st == KD_OK) st = kd_larg_int(c, d, "inbatch", 0, 1, &inbatch);
     if (st == KD_OK) st = kd_larg_float(c, d, "nce_t", 1e-3, 1e3, &T);
-    if (st == KD_OK) st = larg_int(c, d, "nce_k", 1, 1 << 24, &K);
+    if (st == KD_OK) st = kd_larg_int(c, d, "nce_k", 1, 1 << 24, &K);
     if (st == KD_OK) st = kd_larg_float(c, d, "momentum", 0, 1, &mom);
-    if (st == KD_OK) st = larg_int(c, d, "n_data", 0, 1 << 24, &n_data);
+    if (st == KD_OK) st = kd_larg_int(c, d, "n_data", 0, 1 << 24, &n_data);
     if (st != KD_OK) return st;
     if (!inbatch) {
         /* the trainer feeds every example's index; a smaller bank would
@@ -165,9 +147,9 @@ static kd_status b_crd(kd_lctx *c, kd_node **out) {
     char b[48], p[80];
     proj_base(c, b, sizeof b);
     snprintf(p, sizeof p, "%s.embed_s", b);
-    kd_node *zs = kd_l2norm(c->g, kd_dense(c->g, p, flat2(c->g, fs), dim));
+    kd_node *zs = kd_l2norm(c->g, kd_dense(c->g, p, kd_lflat2(c->g, fs), dim));
     snprintf(p, sizeof p, "%s.embed_t", b);
-    kd_node *zt = kd_l2norm(c->g, kd_dense(c->g, p, flat2(c->g, ft), dim));
+    kd_node *zt = kd_l2norm(c->g, kd_dense(c->g, p, kd_lflat2(c->g, ft), dim));
     if (inbatch) {
         *out = kd_crd_infonce(c->g, zs, zt, T);
         return KD_OK;
@@ -184,7 +166,7 @@ static kd_status b_crd(kd_lctx *c, kd_node **out) {
 /* ---- simkd */
 
 static kd_status b_simkd(kd_lctx *c, kd_node **out) {
-    const kd_loss_def *d = def_of("simkd");
+    const kd_loss_def *d = kd_loss_def_of("simkd");
     kd_node *fs, *ft, *y;
     kd_status st = kd_ltaps(c, d, &fs, &ft);
     if (st == KD_OK) st = kd_lproject(c, d, fs, ft, &y);
@@ -200,7 +182,7 @@ static kd_status b_simkd(kd_lctx *c, kd_node **out) {
     if (!w || w->val.ndim != 2)
         return kd_errorf(KD_ECONFIG, "loss '%s': the teacher has no classifier '%shead.weight' to reuse",
                          c->term->name, tm->prefix);
-    kd_node *h = y->val.ndim == 4 ? kd_global_avgpool(c->g, y) : flat2(c->g, y);
+    kd_node *h = y->val.ndim == 4 ? kd_global_avgpool(c->g, y) : kd_lflat2(c->g, y);
     if (h->val.shape[1] != w->val.shape[1]) {
         char sh[64];
         kd_shape_str(y->val.ndim, y->val.shape, sh, sizeof sh);
@@ -219,14 +201,14 @@ static kd_status b_simkd(kd_lctx *c, kd_node **out) {
 /* ---- mm */
 
 static kd_status b_mm(kd_lctx *c, kd_node **out) {
-    const kd_loss_def *d = def_of("mm");
+    const kd_loss_def *d = kd_loss_def_of("mm");
     kd_node *fs, *ft, *y;
     float alpha, eps;
     kd_status st = kd_ltaps(c, d, &fs, &ft);
     if (st == KD_OK) st = kd_larg_float(c, d, "alpha", 1, 8, &alpha);
     if (st == KD_OK) st = kd_larg_float(c, d, "eps", 1e-12, 1, &eps);
     if (st != KD_OK) return st;
-    kd_node *t2 = flat2(c->g, ft);
+    kd_node *t2 = kd_lflat2(c->g, ft);
     st = kd_lproject_ensemble(c, d, fs, t2, &y);
     if (st != KD_OK) return st;
     *out = kd_logsum(c->g, kd_bn_noaffine(c->g, y, eps), kd_bn_noaffine(c->g, t2, eps), alpha);

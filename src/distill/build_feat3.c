@@ -25,22 +25,6 @@
 
 #define MAX_LIST 8
 
-static const kd_loss_def *def_of(const char *name) {
-    const kd_loss_def *d = kd_loss_def_find(name);
-    KD_ASSERT(d, "loss %s missing from the tables", name);
-    return d;
-}
-
-/* an integer argument in [lo, hi] */
-static kd_status larg_int(kd_lctx *c, const kd_loss_def *d, const char *key, int lo, int hi, int *out) {
-    float v;
-    kd_status st = kd_larg_float(c, d, key, lo, hi, &v);
-    if (st != KD_OK) return st;
-    if (v != floorf(v)) return kd_errorf(KD_ECONFIG, "loss '%s': %s=%g is not an integer", c->term->name, key, v);
-    *out = (int)v;
-    return KD_OK;
-}
-
 /* "<proj_prefix>proj<index>", the stem of this term's parameter names (as kd_lproject) */
 static const char *proj_base(const kd_lctx *c, char *buf, size_t n) {
     snprintf(buf, n, "%sproj%d", c->in->proj_prefix ? c->in->proj_prefix : "", c->index);
@@ -108,7 +92,7 @@ static kd_status need_maps(kd_lctx *c, const kd_node *fs, const kd_node *ft) {
 /* ---- freekd */
 
 static kd_status b_freekd(kd_lctx *c, kd_node **out) {
-    const kd_loss_def *d = def_of("freekd");
+    const kd_loss_def *d = kd_loss_def_of("freekd");
     kd_node *fs, *ft, *y;
     float wl, wh;
     kd_status st = kd_ltaps(c, d, &fs, &ft);
@@ -125,13 +109,13 @@ static kd_status b_freekd(kd_lctx *c, kd_node **out) {
 /* ---- sokd */
 
 static kd_status b_sokd(kd_lctx *c, kd_node **out) {
-    const kd_loss_def *d = def_of("sokd");
+    const kd_loss_def *d = kd_loss_def_of("sokd");
     kd_node *fs, *ft, *y;
     float tau;
     int detach;
     kd_status st = kd_ltaps(c, d, &fs, &ft);
     if (st == KD_OK) st = kd_larg_float(c, d, "tau", 1e-3, 1e3, &tau);
-    if (st == KD_OK) st = larg_int(c, d, "detach", 0, 1, &detach);
+    if (st == KD_OK) st = kd_larg_int(c, d, "detach", 0, 1, &detach);
     if (st == KD_OK) st = need_maps(c, fs, ft);
     if (st == KD_OK) st = kd_lproject(c, d, fs, ft, &y);
     if (st != KD_OK) return st;
@@ -158,13 +142,13 @@ static void unikd_side(kd_lctx *c, const char *base, char side, kd_node **taps, 
 }
 
 static kd_status b_unikd(kd_lctx *c, kd_node **out) {
-    const kd_loss_def *d = def_of("unikd");
+    const kd_loss_def *d = kd_loss_def_of("unikd");
     kd_node *ts[MAX_LIST], *tt[MAX_LIST];
     int ns = 0, nt = 0, dim;
     float anchor;
     kd_status st = tap_list(c, d, c->in->student, "s", ts, &ns);
     if (st == KD_OK) st = tap_list(c, d, c->in->teacher, "t", tt, &nt);
-    if (st == KD_OK) st = larg_int(c, d, "dim", 1, 1 << 16, &dim);
+    if (st == KD_OK) st = kd_larg_int(c, d, "dim", 1, 1 << 16, &dim);
     if (st == KD_OK) st = kd_larg_float(c, d, "anchor", 0, 1e4, &anchor);
     if (st == KD_OK && anchor > 0) st = kd_lneed_teacher(c);
     if (st != KD_OK) return st;
@@ -192,7 +176,7 @@ static kd_status b_unikd(kd_lctx *c, kd_node **out) {
 /* ---- ofa */
 
 static kd_status b_ofa(kd_lctx *c, kd_node **out) {
-    const kd_loss_def *d = def_of("ofa");
+    const kd_loss_def *d = kd_loss_def_of("ofa");
     kd_node *ts[MAX_LIST];
     int n = 0;
     float T;

@@ -18,24 +18,6 @@
 
 #include "distill/build.h"
 
-static const kd_loss_def *def_of(const char *name) {
-    const kd_loss_def *d = kd_loss_def_find(name);
-    KD_ASSERT(d, "loss %s missing from the tables", name);
-    return d;
-}
-
-/* an integer argument in [lo, hi] */
-static kd_status larg_int(kd_lctx *c, const kd_loss_def *d, const char *key, int lo, int hi, int *out) {
-    float v;
-    kd_status st = kd_larg_float(c, d, key, lo, hi, &v);
-    if (st != KD_OK) return st;
-    if (v != floorf(v)) return kd_errorf(KD_ECONFIG, "loss '%s': %s=%g is not an integer", c->term->name, key, v);
-    *out = (int)v;
-    return KD_OK;
-}
-
-static kd_node *flat2(kd_graph *g, kd_node *x) { return x->val.ndim == 2 ? x : kd_flatten(g, x); }
-
 /* the taps, checked to be (B, ...) with the same B */
 static kd_status feat_pair(kd_lctx *c, const kd_loss_def *d, kd_node **fs, kd_node **ft) {
     kd_status st = kd_ltaps(c, d, fs, ft);
@@ -55,21 +37,21 @@ static kd_status feat_pair(kd_lctx *c, const kd_loss_def *d, kd_node **fs, kd_no
 
 static kd_status b_procrustes(kd_lctx *c, kd_node **out) {
     kd_node *fs, *ft;
-    kd_status st = feat_pair(c, def_of("procrustes"), &fs, &ft);
+    kd_status st = feat_pair(c, kd_loss_def_of("procrustes"), &fs, &ft);
     if (st == KD_OK) *out = kd_procrustes(c->g, fs, ft);
     return st;
 }
 
 static kd_status b_gram(kd_lctx *c, kd_node **out) {
     kd_node *fs, *ft;
-    kd_status st = feat_pair(c, def_of("gram"), &fs, &ft);
+    kd_status st = feat_pair(c, kd_loss_def_of("gram"), &fs, &ft);
     if (st == KD_OK) *out = kd_gram_dist(c->g, fs, ft);
     return st;
 }
 
 static kd_status b_cka(kd_lctx *c, kd_node **out) {
     kd_node *fs, *ft;
-    kd_status st = feat_pair(c, def_of("cka"), &fs, &ft);
+    kd_status st = feat_pair(c, kd_loss_def_of("cka"), &fs, &ft);
     if (st == KD_OK) *out = kd_cka(c->g, fs, ft);
     return st;
 }
@@ -77,12 +59,12 @@ static kd_status b_cka(kd_lctx *c, kd_node **out) {
 /* ---- dcd */
 
 static kd_status b_dcd(kd_lctx *c, kd_node **out) {
-    const kd_loss_def *d = def_of("dcd");
+    const kd_loss_def *d = kd_loss_def_of("dcd");
     kd_node *fs, *ft;
     int dim = 0;
     kd_dcd_args a = {0};
     kd_status st = feat_pair(c, d, &fs, &ft);
-    if (st == KD_OK) st = larg_int(c, d, "dim", 0, 1 << 16, &dim);
+    if (st == KD_OK) st = kd_larg_int(c, d, "dim", 0, 1 << 16, &dim);
     if (st == KD_OK) st = kd_larg_float(c, d, "weight_nce", 0, 1e4, &a.w_nce);
     if (st == KD_OK) st = kd_larg_float(c, d, "weight_kl", 0, 1e4, &a.w_kl);
     if (st == KD_OK) st = kd_larg_float(c, d, "init_logscale", -20, 20, &a.log_scale0);
@@ -103,7 +85,7 @@ static kd_status b_dcd(kd_lctx *c, kd_node **out) {
                          c->term->name, a.log_scale0, exp((double)a.log_scale0), a.max_scale);
     char b[48], p[80];
     snprintf(b, sizeof b, "%sproj%d", c->in->proj_prefix ? c->in->proj_prefix : "", c->index);
-    kd_node *xs = flat2(c->g, fs), *xt = flat2(c->g, ft);
+    kd_node *xs = kd_lflat2(c->g, fs), *xt = kd_lflat2(c->g, ft);
     int Dt = xt->val.shape[1];
     if (dim > 0) {
         snprintf(p, sizeof p, "%s.embed_s", b);

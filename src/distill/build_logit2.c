@@ -182,7 +182,8 @@ static kd_status b_ctkd(kd_lctx *c, kd_node **out) {
 
 static kd_status b_rlkd(kd_lctx *c, kd_node **out) {
     const kd_loss_def *d = row("rlkd");
-    float kf, tau;
+    float tau;
+    int k;
     kd_status rc = kd_lneed_teacher(c);
     if (rc == KD_OK && !c->in->s_logits)
         rc = kd_errorf(KD_ECONFIG, "loss '%s' needs the student's logits", c->term->name);
@@ -192,9 +193,7 @@ static kd_status b_rlkd(kd_lctx *c, kd_node **out) {
     if (V < 2)
         return kd_errorf(KD_ESHAPE, "loss '%s' ranks the logits of each row, and the rows hold only V=%d",
                          c->term->name, V);
-    rc = kd_larg_float(c, d, "k", 2, V, &kf);
-    if (rc == KD_OK && kf != floorf(kf))
-        rc = kd_errorf(KD_ECONFIG, "loss '%s': k=%g is not an integer", c->term->name, (double)kf);
+    rc = kd_larg_int(c, d, "k", 2, V, &k);
     if (rc == KD_OK) {
         const char *v = kd_larg_str(c, d, "tau");
         char *end;
@@ -206,7 +205,7 @@ static kd_status b_rlkd(kd_lctx *c, kd_node **out) {
     }
     if (rc == KD_OK) rc = kd_larg_float(c, d, "tau", 1e-4, 1e4, &tau);
     if (rc != KD_OK) return rc;
-    *out = kd_rank_align(c->g, c->in->s_logits, c->in->t_logits, c->in->mask, (int)kf, tau);
+    *out = kd_rank_align(c->g, c->in->s_logits, c->in->t_logits, c->in->mask, k, tau);
     return KD_OK;
 }
 
